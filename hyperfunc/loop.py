@@ -1,0 +1,143 @@
+"""``InnerLoop``: the inner optimization as a pure step map Φ over flat optimizer states."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from tensordict import TensorDictBase
+
+from ._tree import Keys, Leaves, build, check_tensordict, keys_of, leaves_of, tensor_leaves, tree_index
+from .optim import Optimizer
+
+#: ``loss(params, hparams, batch) -> scalar tensor``; params and hparams are TensorDicts.
+Loss = Callable[[TensorDictBase, TensorDictBase, Any], torch.Tensor]
+
+
+def call_loss(fn: Loss, name: str, params: TensorDictBase, hparams: TensorDictBase, batch: Any) -> torch.Tensor:
+    """Evaluate a user loss, turning a missing key or a non-scalar result into a clear ``ValueError``."""
+    try:
+        out = fn(params, hparams, batch)
+    except KeyError as err:
+        raise ValueError(
+            f"{name} looked up a key that is missing: {err}. params has keys {_names(params)}, "
+            f"hparams has keys {_names(hparams)}; make params0 and hparams hold every key the loss reads"
+        ) from err
+    if not torch.is_tensor(out) or out.dim() != 0:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"{name} must return a scalar tensor, got {shape}; reduce it with .mean() or .sum()")
+    return out
+
+
+def _names(td: TensorDictBase) -> list[str]:
+    return [".".join(k) if isinstance(k, tuple) else k for k in keys_of(td)]
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    r"""The inner optimization: ``steps`` updates of ``optimizer`` on ``inner_loss``.
+
+    One step is the map (DESIGN.md, notation)
+
+    .. math::
+        s_t = \Phi(s_{t-1}, \lambda; D_t) = \text{opt.update}(s_{t-1},\, \nabla_w L_{in}(w_{t-1}, \lambda; D_t),\, \lambda),
+        \qquad t = 1..T,
+
+    where the state :math:`s` holds the params :math:`w` and the optimizer's buffers.
+
+    Args:
+        inner_loss: ``inner_loss(params, hparams, batch) -> scalar tensor``.
+        optimizer: a :class:`hyperfunc.optim.Optimizer` (``sgd``, ``adam``, ``sgld``); its
+            arguments may be callables of the hyperparameters.
+        steps: the number of inner steps ``T >= 1``.
+        full_batch: if True, ``inner_batches`` is one batch reused at every step; otherwise every
+            tensor leaf of ``inner_batches`` has leading dimension ``steps``.
+        prepare: optional ``prepare(hparams, inner_batches) -> inner_batches'`` run once per call
+            before the step loop, for work that depends on the hyperparameters but not on the
+            params (the frozen feature extractor of ANIL). Every transform stays exact through it:
+            the cotangents of the prepared batches are pulled back through ``prepare`` with one VJP.
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> loss = lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()
+        >>> loop = hf.InnerLoop(loss, hf.optim.sgd(lr=0.1), steps=50, full_batch=True)
+        >>> w = loop.run(TensorDict({"l2": torch.tensor(1.0)}, []), TensorDict({"w": torch.zeros(2)}, []), torch.ones(2))
+        >>> w["w"]
+        tensor([0.5000, 0.5000])
+    """
+
+    inner_loss: Loss
+    optimizer: Optimizer
+    steps: int
+    full_batch: bool = False
+    prepare: Optional[Callable[[TensorDictBase, Any], Any]] = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.inner_loss):
+            raise TypeError(f"inner_loss must be a function (params, hparams, batch) -> scalar, got {self.inner_loss!r}")
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a hyperfunc.optim.Optimizer (hf.optim.sgd/adam/sgld), got {type(self.optimizer).__name__}"
+            )
+        if not isinstance(self.steps, numbers.Integral) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.prepare is not None and not callable(self.prepare):
+            raise TypeError(f"prepare must be None or a function (hparams, inner_batches) -> batches, got {self.prepare!r}")
+
+    # -- batches -----------------------------------------------------------------------------
+    def check_batches(self, batches: Any, name: str = "inner_batches") -> None:
+        """Raise ``ValueError`` unless every tensor leaf has leading dimension ``steps`` (or full_batch)."""
+        leaves = tensor_leaves(batches)
+        if not leaves:
+            raise ValueError(f"{name} must contain at least one tensor, got {type(batches).__name__}")
+        if self.full_batch:
+            return
+        for leaf in leaves:
+            if leaf.dim() == 0 or leaf.shape[0] != self.steps:
+                raise ValueError(
+                    f"every tensor in {name} must have leading dimension steps={self.steps} (one batch per "
+                    f"inner step), got shape {tuple(leaf.shape)}; pass full_batch=True to reuse one batch"
+                )
+
+    def batch_at(self, batches: Any, t: int) -> Any:
+        """The batch of step ``t`` (0-based)."""
+        return batches if self.full_batch else tree_index(batches, t)
+
+    def prepared(self, hparams: TensorDictBase, batches: Any) -> Any:
+        """``prepare(hparams, batches)``, or ``batches`` when there is no ``prepare``."""
+        if self.prepare is None:
+            return batches
+        out = self.prepare(hparams, batches)
+        self.check_batches(out, "the output of prepare(hparams, inner_batches)")
+        return out
+
+    # -- the step map ------------------------------------------------------------------------
+    def loss_grad(self, keys: Keys, params: Leaves, hparams: TensorDictBase, batch: Any) -> Leaves:
+        r""":math:`\nabla_w L_{in}(w, \lambda; D)` on flat params."""
+        return torch.func.grad(lambda w: call_loss(self.inner_loss, "inner_loss", build(keys, w), hparams, batch))(params)
+
+    def step_leaves(self, keys: Keys, state: Leaves, hparams: TensorDictBase, batch: Any, t: Any) -> Leaves:
+        r"""One inner step :math:`s_{t+1} = \Phi(s_t, \lambda; D)` on the flat state (``t`` is 0-based)."""
+        grads = self.loss_grad(keys, state[: len(keys)], hparams, batch)
+        return self.optimizer.step_leaves(state, grads, hparams, keys, t)
+
+    def run_leaves(self, keys: Keys, state: Leaves, hparams: TensorDictBase, batches: Any, start: int, stop: int) -> Leaves:
+        """Steps ``start..stop-1`` from ``state`` on already prepared batches."""
+        for t in range(start, stop):
+            state = self.step_leaves(keys, state, hparams, self.batch_at(batches, t), t)
+        return state
+
+    # -- convenience -------------------------------------------------------------------------
+    def run(self, hparams: TensorDictBase, params0: Any, inner_batches: Any) -> TensorDictBase:
+        """The final params :math:`w_T` (no hypergradient; the cost floor every transform is measured against)."""
+        check_tensordict(hparams, "hparams")
+        self.check_batches(inner_batches)
+        params = params0(hparams) if callable(params0) else params0
+        check_tensordict(params, "params0")
+        keys = keys_of(params)
+        state = self.optimizer.init_leaves(leaves_of(params, keys))
+        state = self.run_leaves(keys, state, hparams, self.prepared(hparams, inner_batches), 0, self.steps)
+        return build(keys, state[: len(keys)])

@@ -1,0 +1,160 @@
+"""The functional optimizer type shared by ``sgd``, ``adam`` and ``sgld``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Union
+
+import torch
+from tensordict import TensorDictBase
+
+from .._tree import Keys, Leaves, build, check_same_keys, check_tensordict, keys_of, leaves_of
+
+#: A numeric optimizer argument: a number, a scalar tensor, or a function of the hyperparameters
+#: returning a scalar tensor or a TensorDict shaped like the params (one value per parameter).
+Arg = Union[float, torch.Tensor, Callable[[TensorDictBase], Any]]
+#: What an argument becomes for one step: a number, a scalar tensor, or one tensor per param leaf.
+Resolved = Union[float, torch.Tensor, tuple]
+
+#: ``rule(params, buffers, grads, args, step) -> (params, buffers)`` on tuples of tensors;
+#: ``buffers`` is one tuple of leaves per buffer name, ``step`` counts from 0 (int or tensor).
+Rule = Callable[[Leaves, tuple, Leaves, Mapping[str, Resolved], Any], tuple]
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """A stateless inner optimizer: ``init(params) -> state`` and ``update(state, grads, hparams) -> state``.
+
+    The state is a TensorDict ``{"params": w, <buffer>: ..., "step": t}``; ``update`` returns a new
+    state and never mutates its inputs. Numeric arguments may be functions of the hyperparameters
+    (see :data:`Arg`), resolved at every update, so the update is differentiable in them.
+
+    Build one with :func:`hyperfunc.optim.sgd`, :func:`~hyperfunc.optim.adam` or
+    :func:`~hyperfunc.optim.sgld`.
+    """
+
+    name: str
+    buffers: tuple[str, ...]
+    args: Mapping[str, Arg]
+    rule: Rule
+
+    # -- public TensorDict API -------------------------------------------------------------
+    def init(self, params: TensorDictBase) -> TensorDictBase:
+        """The optimizer state before the first step: params, zero buffers and ``step = 0``."""
+        check_tensordict(params, "params")
+        keys = keys_of(params)
+        state = {"params": params.clone(recurse=False)}
+        for name in self.buffers:
+            state[name] = build(keys, [torch.zeros_like(p) for p in leaves_of(params, keys)])
+        state["step"] = torch.zeros((), dtype=torch.int64, device=_device(params))
+        return build(tuple(state), tuple(state.values()))
+
+    def update(
+        self, state: TensorDictBase, grads: TensorDictBase, hparams: TensorDictBase | None = None
+    ) -> TensorDictBase:
+        """One optimizer step from ``state`` with gradients ``grads``; returns the new state."""
+        check_tensordict(grads, "grads")
+        keys = keys_of(state.get("params"))
+        check_same_keys(grads, keys, "grads", "state['params']")
+        leaves = self.state_leaves(state, keys)
+        step = state.get("step")
+        new = self.step_leaves(leaves, leaves_of(grads, keys), hparams, keys, step)
+        return self.state_dict(new, keys, step + 1)
+
+    # -- flat API used by the inner loop ---------------------------------------------------
+    def init_leaves(self, params: Leaves) -> Leaves:
+        """Flat state ``(w..., buffer_1..., buffer_2...)`` with zero buffers."""
+        return tuple(params) + tuple(torch.zeros_like(p) for _ in self.buffers for p in params)
+
+    def step_leaves(
+        self, state: Leaves, grads: Leaves, hparams: TensorDictBase | None, keys: Keys, step: Any
+    ) -> Leaves:
+        """One update on the flat state; ``step`` is the 0-based index of this update."""
+        n = len(keys)
+        params = state[:n]
+        buffers = tuple(state[n * (i + 1) : n * (i + 2)] for i in range(len(self.buffers)))
+        args = {name: resolve(name, value, hparams, keys, params) for name, value in self.args.items()}
+        params, buffers = self.rule(params, buffers, grads, args, step)
+        return tuple(params) + tuple(leaf for buffer in buffers for leaf in buffer)
+
+    def state_leaves(self, state: TensorDictBase, keys: Keys) -> Leaves:
+        """Flatten a state TensorDict made by :meth:`init` into the flat layout."""
+        return sum((leaves_of(state.get(name), keys) for name in ("params",) + self.buffers), ())
+
+    def state_dict(self, leaves: Leaves, keys: Keys, step: Any) -> TensorDictBase:
+        """Rebuild the state TensorDict from the flat layout."""
+        n = len(keys)
+        out = {name: build(keys, leaves[i * n : (i + 1) * n]) for i, name in enumerate(("params",) + self.buffers)}
+        out["step"] = torch.as_tensor(step)
+        return build(tuple(out), tuple(out.values()))
+
+
+def _device(td: TensorDictBase) -> torch.device | None:
+    leaves = list(td.values(include_nested=True, leaves_only=True))
+    return leaves[0].device if leaves else None
+
+
+def resolve(name: str, value: Arg, hparams: TensorDictBase | None, keys: Keys, params: Leaves) -> Resolved:
+    """Evaluate one optimizer argument for this step (a callable is called on ``hparams``)."""
+    if not callable(value):
+        return value
+    if hparams is None:
+        raise ValueError(f"optimizer argument {name!r} is a function of the hyperparameters: pass hparams to update()")
+    out = value(hparams)
+    if isinstance(out, numbers.Real):
+        return out
+    if isinstance(out, TensorDictBase):
+        check_same_keys(out, keys, f"the TensorDict returned by {name}(hparams)", "the params")
+        leaves = leaves_of(out, keys)
+        for key, leaf, param in zip(keys, leaves, params):
+            if leaf.numel() != 1 and leaf.shape != param.shape:
+                raise ValueError(
+                    f"{name}(hparams)[{key!r}] has shape {tuple(leaf.shape)}; expected a scalar "
+                    f"or the shape of params[{key!r}], {tuple(param.shape)}"
+                )
+        return tuple(leaf if leaf.numel() != 1 else leaf.reshape(()) for leaf in leaves)
+    if torch.is_tensor(out):
+        if out.numel() != 1:
+            raise ValueError(
+                f"{name}(hparams) returned a tensor of shape {tuple(out.shape)}; expected a scalar "
+                "tensor, or a TensorDict shaped like the params for per-parameter values"
+            )
+        return out.reshape(())
+    raise TypeError(f"{name}(hparams) must return a number, a scalar tensor or a TensorDict, got {type(out).__name__}")
+
+
+def at(arg: Resolved, i: int) -> Any:
+    """The value of a resolved argument for param leaf ``i``."""
+    return arg[i] if isinstance(arg, tuple) else arg
+
+
+def check_arg(name: str, value: Any, low: float = 0.0, high: float = math.inf, closed_high: bool = True) -> Arg:
+    """Validate a numeric argument at construction (callables are checked when they are called)."""
+    if callable(value):
+        return value
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar tensor, got shape {tuple(value.shape)}")
+        return value.reshape(())
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, a scalar tensor or a callable of hparams, got {type(value).__name__}")
+    above = value > high if closed_high else value >= high
+    if not math.isfinite(value) or value < low or above:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value}")
+    return float(value)
+
+
+def is_zero(value: Arg) -> bool:
+    """True for the number 0 (a tensor or callable is never structurally zero)."""
+    return isinstance(value, float) and value == 0.0
+
+
+def safe_sqrt(x: Any) -> Any:
+    """``sqrt(x)`` for ``x >= 0`` (number or tensor) with derivative 0, not infinity, at ``x = 0``."""
+    if not torch.is_tensor(x):
+        return x**0.5
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))

@@ -1,0 +1,43 @@
+"""Counter-based Gaussian noise: a pure function of (seed, step, stream, element index).
+
+SGLD needs noise that is reproducible when a segment of the trajectory is recomputed (checkpointing,
+truncated reverse passes), identical under ``vmap`` and a Python loop, and free of global RNG
+state. A stateless hash of integer counters gives all three; it runs as a few integer tensor ops
+on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+_MASK = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for ``0 <= x < 2**32`` without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK
+
+
+def _hash(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function (xor-shift-multiply, "lowbias32")."""
+    x = x & _MASK
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def normal(shape: torch.Size, seed: int, step: Any, stream: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """Standard normal samples of ``shape`` determined by ``(seed, step, stream)`` alone (Box-Muller)."""
+    step = torch.as_tensor(step, dtype=torch.int64, device=device)
+    key = _hash(_hash(_hash(torch.tensor(seed, dtype=torch.int64, device=device)) ^ step) ^ stream)
+    index = torch.arange(2 * math.prod(shape), dtype=torch.int64, device=device).reshape(2, *shape)
+    bits = _hash(_hash(index) ^ key).to(torch.float64)
+    u = (bits + 0.5) / 2.0**32
+    z = torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
+    return z.to(dtype)

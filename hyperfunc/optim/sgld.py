@@ -1,0 +1,44 @@
+"""Stochastic gradient Langevin dynamics (Welling & Teh, 2011)."""
+
+from __future__ import annotations
+
+from .._tree import Leaves
+from ._base import Arg, Optimizer, at, check_arg, is_zero, safe_sqrt
+from ._noise import normal
+
+
+def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0) -> Optimizer:
+    r"""Functional SGLD: :math:`w \leftarrow w - \eta\, g_t + \sqrt{2 \eta \tau}\; z_t`, :math:`z_t \sim N(0, I)`.
+
+    This is the sampler of Kim & Hospedales (HPO-SGLD, Algorithm 1) with :math:`\eta` = ``lr`` and
+    :math:`\tau` = ``temperature``; at ``temperature=0`` it is plain gradient descent. The noise
+    :math:`z_t` is a pure function of ``(seed, t, parameter leaf, element)`` (a counter-based hash,
+    no global RNG), so recomputing a step reproduces it exactly, ``vmap`` over tasks equals a
+    Python loop, and every reverse or forward transform differentiates the same trajectory.
+    Use different seeds for independent chains.
+
+    Cost per step: one Gaussian draw and three elementwise operations per parameter; no buffers.
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> opt = hf.optim.sgld(lr=0.1, temperature=0.0)
+        >>> state = opt.init(TensorDict({"w": torch.ones(2)}, []))
+        >>> opt.update(state, TensorDict({"w": torch.ones(2)}, []))["params", "w"]
+        tensor([0.9000, 0.9000])
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    args = {"lr": check_arg("lr", lr), "temperature": check_arg("temperature", temperature)}
+
+    def rule(params: Leaves, buffers: tuple, grads: Leaves, a: dict, step) -> tuple:
+        new = []
+        for i, (w, g) in enumerate(zip(params, grads)):
+            lr, tau = at(a["lr"], i), at(a["temperature"], i)
+            w = w - lr * g
+            if not is_zero(tau):
+                w = w + safe_sqrt(2 * lr * tau) * normal(w.shape, seed, step, i, w.dtype, w.device)
+            new.append(w)
+        return tuple(new), ()
+
+    return Optimizer("sgld", (), args, rule)

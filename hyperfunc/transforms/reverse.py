@@ -1,0 +1,179 @@
+r"""Reverse-mode hypergradients: ``unroll``, ``truncate(K)``, ``one_step``, ``first_order``.
+
+All four are one engine: run the inner loop without a graph up to step ``T - K``, then take one
+VJP of ``λ ↦ L_out(Φ_T ∘ ⋯ ∘ Φ_{T-K+1}(s_{T-K}, λ), λ)`` (Shaban et al. 2019, Eqs. 5-8),
+optionally split into checkpointed segments whose VJPs are chained from the last to the first.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Optional
+
+import torch
+
+from .._tree import Leaves, add
+from ..loop import InnerLoop, Loss
+from ._problem import HyperGrad, Problem, check_transform_args
+
+#: ``hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad``
+HyperGradFn = Callable[[Any, Any, Any, Any], HyperGrad]
+#: ``transform(loop, outer_loss) -> hg``, what ``truncate(K)`` and the other factories return.
+Transform = Callable[[InnerLoop, Loss], HyperGradFn]
+
+
+def _check_int(value: Any, name: str, low: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def reverse_hypergrad(problem: Problem, depth: int, every: Optional[int] = None) -> HyperGrad:
+    """The truncated reverse pass over the last ``depth`` steps, in segments of ``every`` steps.
+
+    ``depth = T`` is the exact hypergradient, including the term through a learned ``w_0``.
+    """
+    loop, h = problem.loop, problem.h
+    steps = loop.steps
+    first = steps - min(depth, steps)
+    prep = problem.prepared()
+    batches = prep.rebuild(prep.d)
+    init_vjp = None
+    if first == 0 and problem.learned_init:
+        s, init_vjp = torch.func.vjp(problem.init_state, h)
+    else:
+        s = problem.run(problem.init_state(h), h, batches, 0, first)
+    every = every or max(steps - first, 1)
+    starts = list(range(first, steps, every)) or [first]
+    stops = starts[1:] + [steps]
+    checkpoints = [s]
+    for a, b in zip(starts[:-1], stops[:-1]):
+        checkpoints.append(problem.run(checkpoints[-1], h, batches, a, b))
+
+    def tail(s: Leaves, h: Leaves, d: Leaves):
+        s = problem.run(s, h, prep.rebuild(d), starts[-1], steps)
+        return problem.outer(s, h), s
+
+    loss, vjp_fn, final = torch.func.vjp(tail, checkpoints[-1], h, prep.d, has_aux=True)
+    ct_s, ct_h, ct_d = vjp_fn(torch.ones_like(loss))
+    for a, b, s in zip(reversed(starts[:-1]), reversed(stops[:-1]), reversed(checkpoints[:-1])):
+        _, vjp_fn = torch.func.vjp(lambda s, h, d, a=a, b=b: problem.run(s, h, prep.rebuild(d), a, b), s, h, prep.d)
+        ct_s, ct_hs, ct_ds = vjp_fn(ct_s)
+        ct_h, ct_d = add(ct_h, ct_hs), add(ct_d, ct_ds)
+    if init_vjp is not None:
+        ct_h = add(ct_h, init_vjp(ct_s)[0])
+    pulled = prep.pull(ct_d)
+    if pulled is not None:
+        ct_h = add(ct_h, pulled)
+    return problem.result(ct_h, loss, final)
+
+
+def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = None) -> HyperGradFn:
+    r"""Exact hypergradient by reverse-mode differentiation through all ``T`` inner steps.
+
+    .. math::
+        \frac{dF}{d\lambda} = \partial_\lambda L_{out}(w_T) + \sum_{t=1}^{T} \alpha_T A_T \cdots A_{t+1} B_t
+        \;(+\; \alpha_T A_T \cdots A_1 \tfrac{ds_0}{d\lambda} \text{ when } w_0 \text{ depends on } \lambda)
+
+    (reverse-mode differentiation, RMD; Shaban et al. 2019, Eqs. 5-6; Maclaurin et al. 2015).
+
+    Cost: the forward trajectory plus its reverse, about ``T`` VJPs of the step map (each a
+    Hessian-vector product of the inner loss); memory O(T·|s|). With ``checkpoint_every=k`` only
+    every k-th state is stored and each segment is recomputed in the reverse pass: memory
+    O((T/k + k)·|s|) (k ≈ √T is optimal) for one extra forward pass.
+
+    Args:
+        loop: the inner loop.
+        outer_loss: ``outer_loss(params, hparams, batch) -> scalar``.
+        checkpoint_every: store every k-th state and recompute segments (``None``: keep all).
+
+    Returns:
+        ``hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad``.
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> inner = lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()
+        >>> outer = lambda p, h, y: ((p["w"] - y) ** 2).sum()
+        >>> loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1), steps=100, full_batch=True)
+        >>> hg = hf.unroll(loop, outer)
+        >>> res = hg(TensorDict({"l2": torch.tensor(1.0)}, []), TensorDict({"w": torch.zeros(1)}, []),
+        ...          torch.ones(1), torch.zeros(1))
+        >>> round(res.grads["l2"].item(), 4)  # d/dl2 of (1/(1+l2))^2 at l2 = 1
+        -0.25
+    """
+    check_transform_args(loop, outer_loss)
+    if checkpoint_every is not None:
+        checkpoint_every = _check_int(checkpoint_every, "checkpoint_every", 1)
+
+    def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
+        problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
+        return reverse_hypergrad(problem, loop.steps, checkpoint_every)
+
+    return hg
+
+
+def truncate(K: int) -> Transform:
+    r"""K-step truncated back-propagation (Shaban et al. 2019, Eq. 8).
+
+    .. math::
+        h_K = \partial_\lambda L_{out}(w_T) + \sum_{t=T-K+1}^{T} \alpha_T A_T \cdots A_{t+1} B_t
+
+    The first ``T - K`` steps run without a graph and ``s_{T-K}`` is held fixed. ``K >= T`` is
+    exactly :func:`unroll` (including the ``w_0`` term), ``K = 0`` is :func:`first_order`,
+    ``K = 1`` is :func:`one_step`. Prop. 3.1 of the paper bounds the bias by
+    :math:`O(\kappa^K)` for a strongly convex inner problem whose steps contract by :math:`\kappa`.
+
+    Cost: ``T`` gradient steps plus ``K`` step VJPs; memory O(K·|s|), flat in ``T``.
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
+        >>> hg = hf.truncate(5)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    K = _check_int(K, "K", 0)
+
+    def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
+        check_transform_args(loop, outer_loss)
+
+        def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
+            problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
+            return reverse_hypergrad(problem, K)
+
+        return hg
+
+    return transform
+
+
+def one_step(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
+    r"""One-step lookahead (T1-T2, Luketina et al. 2016): ``truncate(1)``.
+
+    .. math:: h = \partial_\lambda L_{out}(w_T) + \alpha_T B_T
+
+    Cost: ``T`` gradient steps plus one step VJP; memory O(|s|).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
+        >>> hg = hf.one_step(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    return truncate(1)(loop, outer_loss)
+
+
+def first_order(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
+    r"""The direct gradient only, ignoring the inner optimization: ``truncate(0)``.
+
+    .. math:: h = \partial_\lambda L_{out}(w_T, \lambda)
+
+    Nonzero only for hyperparameters that the outer loss reads directly (a shared feature
+    extractor, as in first-order MAML / ANIL). Cost: ``T`` gradient steps and one gradient of the
+    outer loss; memory O(|s|).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
+        >>> hg = hf.first_order(loop, lambda p, h, y: ((h["a"] * p["w"] - y) ** 2).sum())
+    """
+    return truncate(0)(loop, outer_loss)
