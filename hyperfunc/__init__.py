@@ -1,6 +1,6 @@
 """hyperfunc: hypergradients through functional inner loops, built on ``torch.func``."""
 
-from . import optim
+from . import optim, tasks
 from .loop import InnerLoop
 from .transforms import HyperGrad, HyperGradFn, Transform, first_order, forward, one_step, truncate, unroll
 
@@ -15,6 +15,7 @@ __all__ = [
     "forward",
     "one_step",
     "optim",
+    "tasks",
     "truncate",
     "unroll",
 ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from tensordict import TensorDictBase, TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 Leaves = tuple[torch.Tensor, ...]
 Keys = tuple[Any, ...]
@@ -60,9 +61,7 @@ def check_same_keys(td: TensorDictBase, keys: Keys, name: str, reference: str) -
     if got != keys:
         missing = sorted(map(_key_str, set(keys) - set(got)))
         extra = sorted(map(_key_str, set(got) - set(keys)))
-        raise ValueError(
-            f"{name} must have the same keys as {reference}; missing {missing}, unexpected {extra}"
-        )
+        raise ValueError(f"{name} must have the same keys as {reference}; missing {missing}, unexpected {extra}")
 
 
 def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:

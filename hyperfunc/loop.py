@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -42,7 +43,8 @@ class InnerLoop:
     One step is the map (DESIGN.md, notation)
 
     .. math::
-        s_t = \Phi(s_{t-1}, \lambda; D_t) = \text{opt.update}(s_{t-1},\, \nabla_w L_{in}(w_{t-1}, \lambda; D_t),\, \lambda),
+        s_t = \Phi(s_{t-1}, \lambda; D_t)
+            = \text{opt.update}(s_{t-1},\, \nabla_w L_{in}(w_{t-1}, \lambda; D_t),\, \lambda),
         \qquad t = 1..T,
 
     where the state :math:`s` holds the params :math:`w` and the optimizer's buffers.
@@ -64,7 +66,8 @@ class InnerLoop:
         >>> from tensordict import TensorDict
         >>> loss = lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()
         >>> loop = hf.InnerLoop(loss, hf.optim.sgd(lr=0.1), steps=50, full_batch=True)
-        >>> w = loop.run(TensorDict({"l2": torch.tensor(1.0)}, []), TensorDict({"w": torch.zeros(2)}, []), torch.ones(2))
+        >>> h, w0 = TensorDict({"l2": torch.tensor(1.0)}, []), TensorDict({"w": torch.zeros(2)}, [])
+        >>> w = loop.run(h, w0, torch.ones(2))
         >>> w["w"]
         tensor([0.5000, 0.5000])
     """
@@ -77,15 +80,20 @@ class InnerLoop:
 
     def __post_init__(self) -> None:
         if not callable(self.inner_loss):
-            raise TypeError(f"inner_loss must be a function (params, hparams, batch) -> scalar, got {self.inner_loss!r}")
+            raise TypeError(
+                f"inner_loss must be a function (params, hparams, batch) -> scalar, got {self.inner_loss!r}"
+            )
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(
-                f"optimizer must be a hyperfunc.optim.Optimizer (hf.optim.sgd/adam/sgld), got {type(self.optimizer).__name__}"
+                "optimizer must be a hyperfunc.optim.Optimizer (hf.optim.sgd/adam/sgld), "
+                f"got {type(self.optimizer).__name__}"
             )
         if not isinstance(self.steps, numbers.Integral) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.prepare is not None and not callable(self.prepare):
-            raise TypeError(f"prepare must be None or a function (hparams, inner_batches) -> batches, got {self.prepare!r}")
+            raise TypeError(
+                f"prepare must be None or a function (hparams, inner_batches) -> batches, got {self.prepare!r}"
+            )
 
     # -- batches -----------------------------------------------------------------------------
     def check_batches(self, batches: Any, name: str = "inner_batches") -> None:
@@ -117,14 +125,18 @@ class InnerLoop:
     # -- the step map ------------------------------------------------------------------------
     def loss_grad(self, keys: Keys, params: Leaves, hparams: TensorDictBase, batch: Any) -> Leaves:
         r""":math:`\nabla_w L_{in}(w, \lambda; D)` on flat params."""
-        return torch.func.grad(lambda w: call_loss(self.inner_loss, "inner_loss", build(keys, w), hparams, batch))(params)
+        return torch.func.grad(lambda w: call_loss(self.inner_loss, "inner_loss", build(keys, w), hparams, batch))(
+            params
+        )
 
     def step_leaves(self, keys: Keys, state: Leaves, hparams: TensorDictBase, batch: Any, t: Any) -> Leaves:
         r"""One inner step :math:`s_{t+1} = \Phi(s_t, \lambda; D)` on the flat state (``t`` is 0-based)."""
         grads = self.loss_grad(keys, state[: len(keys)], hparams, batch)
         return self.optimizer.step_leaves(state, grads, hparams, keys, t)
 
-    def run_leaves(self, keys: Keys, state: Leaves, hparams: TensorDictBase, batches: Any, start: int, stop: int) -> Leaves:
+    def run_leaves(
+        self, keys: Keys, state: Leaves, hparams: TensorDictBase, batches: Any, start: int, stop: int
+    ) -> Leaves:
         """Steps ``start..stop-1`` from ``state`` on already prepared batches."""
         for t in range(start, stop):
             state = self.step_leaves(keys, state, hparams, self.batch_at(batches, t), t)

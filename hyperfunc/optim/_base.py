@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Union
 
 import torch
 from tensordict import TensorDictBase
@@ -139,7 +140,9 @@ def check_arg(name: str, value: Any, low: float = 0.0, high: float = math.inf, c
             raise ValueError(f"{name} must be a scalar tensor, got shape {tuple(value.shape)}")
         return value.reshape(())
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, a scalar tensor or a callable of hparams, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a number, a scalar tensor or a callable of hparams, got {type(value).__name__}"
+        )
     above = value > high if closed_high else value >= high
     if not math.isfinite(value) or value < low or above:
         bracket = "]" if closed_high else ")"

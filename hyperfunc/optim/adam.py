@@ -68,4 +68,3 @@ def adam(
         return tuple(new_params), (tuple(new_m), tuple(new_v))
 
     return Optimizer("adam", ("exp_avg", "exp_avg_sq"), args, rule)
-

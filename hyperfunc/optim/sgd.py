@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .._tree import Leaves
 from ._base import Arg, Optimizer, at, check_arg, is_zero
 
@@ -60,7 +62,8 @@ def sgd(
                 mu = at(a["momentum"], i)
                 damp = at(a["dampening"], i)
                 # torch.optim.SGD starts the buffer at g (no dampening on the first step).
-                v = mu * buffers[0][i] + (g if is_zero(damp) else (1 - damp * (step > 0)) * g)
+                started = (step > 0).to(g.dtype) if torch.is_tensor(step) else float(step > 0)
+                v = mu * buffers[0][i] + (g if is_zero(damp) else (1 - damp * started) * g)
                 new_bufs.append(v)
                 g = g + mu * v if nesterov else v
             new_params.append(w - at(a["lr"], i) * g)

@@ -8,8 +8,9 @@ transform pulls its cotangents back through them exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -54,7 +55,9 @@ class Problem:
     outer_batch: Any
 
     @classmethod
-    def bind(cls, loop: InnerLoop, outer_loss: Loss, hparams: Any, params0: Any, inner_batches: Any, outer_batch: Any) -> "Problem":
+    def bind(
+        cls, loop: InnerLoop, outer_loss: Loss, hparams: Any, params0: Any, inner_batches: Any, outer_batch: Any
+    ) -> Problem:
         """Validate the inputs of a hypergradient call and flatten them (inputs are detached, never mutated)."""
         check_tensordict(hparams, "hparams")
         hparams = hparams.detach()
@@ -103,7 +106,7 @@ class Problem:
         return HyperGrad(build(self.hkeys, grads), loss, build(self.pkeys, s[: len(self.pkeys)]))
 
     # -- prepared batches ----------------------------------------------------------------------
-    def prepared(self) -> "Prepared":
+    def prepared(self) -> Prepared:
         """Evaluate ``prepare`` once, keeping its VJP (identity when the loop has no ``prepare``)."""
         if self.loop.prepare is None:
             return Prepared((), lambda d: self.batches, None)

@@ -5,12 +5,22 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch.func import jvp, vmap
 
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
 from ._problem import HyperGrad, Problem, check_transform_args
 from .reverse import HyperGradFn
+
+
+def _first(outputs: tuple, *positions: int) -> tuple:
+    """Row 0 of the outputs at ``positions`` of a vmap over tangent directions.
+
+    The primal outputs of a vmapped JVP do not depend on the tangent, so every row is the same;
+    they are returned batched (``out_dims=None`` fails when an enclosing ``vmap`` batches them).
+    """
+    return tuple(pytree.tree_map(lambda x: x[0], out) if i in positions else out for i, out in enumerate(outputs))
 
 
 class ForwardState(NamedTuple):
@@ -41,19 +51,19 @@ class ForwardProblem(NamedTuple):
     rebuild: object
 
     @classmethod
-    def bind(cls, problem: Problem) -> "ForwardProblem":
+    def bind(cls, problem: Problem) -> ForwardProblem:
         h, E = problem.h, basis(problem.h)
         if problem.loop.prepare is None:
             return cls(problem, E, (), (), lambda d: problem.batches)
         fn, rebuild_with = problem.prepare_fn()
-        d, Zd, others = vmap(lambda e: jvp(fn, (h,), (e,), has_aux=True), out_dims=(None, 0, None))(E)
+        d, Zd, others = _first(vmap(lambda e: jvp(fn, (h,), (e,), has_aux=True))(E), 0, 2)
         return cls(problem, E, d, Zd, rebuild_with(others))
 
     def init(self) -> ForwardState:
         r""":math:`s_0` and :math:`Z_0 = ds_0/d\lambda` (zero unless ``params0`` is learned)."""
         p, h = self.problem, self.problem.h
         if p.learned_init:
-            s, Z = vmap(lambda e: jvp(p.init_state, (h,), (e,)), out_dims=(None, 0))(self.E)
+            s, Z = _first(vmap(lambda e: jvp(p.init_state, (h,), (e,)))(self.E), 0)
         else:
             s = p.init_state(h)
             Z = tuple(x.new_zeros((self.E[0].shape[0], *x.shape)) for x in s)
@@ -66,15 +76,13 @@ class ForwardProblem(NamedTuple):
         def phi(s, h, d):
             return p.run(s, h, self.rebuild(d), t, t + 1)
 
-        s, Z = vmap(lambda z, e, zd: jvp(phi, (state.s, p.h, self.d), (z, e, zd)), out_dims=(None, 0))(
-            state.Z, self.E, self.Zd
-        )
+        s, Z = _first(vmap(lambda z, e, zd: jvp(phi, (state.s, p.h, self.d), (z, e, zd)))(state.Z, self.E, self.Zd), 0)
         return ForwardState(t + 1, s, Z)
 
     def hypergrad(self, state: ForwardState) -> tuple[Leaves, torch.Tensor]:
         r""":math:`\partial_\lambda L_{out}(w_t) + \alpha_t Z_t`, reshaped like the hyperparameters."""
         p = self.problem
-        loss, g = vmap(lambda z, e: jvp(p.outer, (state.s, p.h), (z, e)), out_dims=(None, 0))(state.Z, self.E)
+        loss, g = _first(vmap(lambda z, e: jvp(p.outer, (state.s, p.h), (z, e)))(state.Z, self.E), 0)
         numels = [x.numel() for x in p.h]
         return tuple(block.reshape(x.shape) for block, x in zip(g.split(numels), p.h)), loss
 

@@ -8,7 +8,8 @@ optionally split into checkpointed segments whose VJPs are chained from the last
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 

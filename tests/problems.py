@@ -1,0 +1,142 @@
+"""Shared test problems with closed-form hypergradients (float64)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict
+
+import hyperfunc as hf
+
+DT = torch.float64
+
+
+def td(**leaves) -> TensorDict:
+    return TensorDict(leaves, batch_size=[])
+
+
+@dataclass
+class Quadratic:
+    r"""A quadratic bilevel problem trained by SGD with momentum, with affine dynamics.
+
+    inner:  L_in(w, λ; b_t) = ½ wᵀQw − wᵀ(b_t + Cλ)          (b_t: the step-t batch)
+    outer:  L_out(w, λ)     = ½‖Pw − y‖² + ½ρ‖λ‖²
+    SGD:    v_t = μ v + g + wd·w,  w_t = w − lr·v_t  (torch.optim.SGD, dampening 0)
+
+    The state s = (w, v) evolves as s_t = A s_{t−1} + Bλ + c_t, so every hypergradient is matrix
+    algebra on A and B. With ``learned_init``, w_0 = Eλ.
+    """
+
+    n: int = 4
+    m: int = 3
+    steps: int = 12
+    lr: float = 0.1
+    momentum: float = 0.7
+    wd: float = 0.05
+    rho: float = 0.3
+    learned_init: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=DT)
+        M = r(self.n, self.n)
+        self.Q = M @ M.T / self.n + 0.5 * torch.eye(self.n, dtype=DT)
+        self.C, self.P, self.E = r(self.n, self.m), r(2, self.n), r(self.n, self.m)
+        self.y, self.lam, self.w0 = r(2), r(self.m), r(self.n)
+        self.b = r(self.steps, self.n)
+
+    # hyperfunc side --------------------------------------------------------------------------
+    def inner(self, p, h, b):
+        w = p["w"]
+        return 0.5 * w @ self.Q @ w - w @ (b + self.C @ h["lam"])
+
+    def outer(self, p, h, y):
+        return 0.5 * ((self.P @ p["w"] - y) ** 2).sum() + 0.5 * self.rho * (h["lam"] ** 2).sum()
+
+    def loop(self, **kw):
+        opt = hf.optim.sgd(lr=self.lr, momentum=self.momentum, weight_decay=self.wd)
+        return hf.InnerLoop(self.inner, opt, steps=self.steps, **kw)
+
+    def hparams(self):
+        return td(lam=self.lam.clone())
+
+    def params0(self):
+        if self.learned_init:
+            return lambda h: td(w=self.E @ h["lam"])
+        return td(w=self.w0.clone())
+
+    def args(self):
+        return self.hparams(), self.params0(), self.b.clone(), self.y.clone()
+
+    # closed form ------------------------------------------------------------------------------
+    def matrices(self):
+        n, I = self.n, torch.eye(self.n, dtype=DT)
+        Qe = self.Q + self.wd * I
+        A = torch.zeros(2 * n, 2 * n, dtype=DT)
+        A[:n, :n], A[:n, n:] = I - self.lr * Qe, -self.lr * self.momentum * I
+        A[n:, :n], A[n:, n:] = Qe, self.momentum * I
+        B = torch.cat([self.lr * self.C, -self.C])
+        return A, B
+
+    def trajectory(self):
+        A, B = self.matrices()
+        w0 = self.E @ self.lam if self.learned_init else self.w0
+        s = torch.cat([w0, torch.zeros(self.n, dtype=DT)])
+        for t in range(self.steps):
+            c = torch.cat([self.lr * self.b[t], -self.b[t]])
+            s = A @ s + B @ self.lam + c
+        return s
+
+    def alpha(self):
+        s = self.trajectory()
+        return torch.cat([self.P.T @ (self.P @ s[: self.n] - self.y), torch.zeros(self.n, dtype=DT)])
+
+    def truncated(self, K):
+        """ρλ + Σ_{t=T−K+1..T} (A^{T−t} B)ᵀ α, plus the w_0 term when K >= T."""
+        A, B = self.matrices()
+        a = self.alpha()
+        g = self.rho * self.lam.clone()
+        Ak = torch.eye(2 * self.n, dtype=DT)
+        for _ in range(min(K, self.steps)):
+            g = g + (Ak @ B).T @ a
+            Ak = Ak @ A
+        if K >= self.steps and self.learned_init:
+            g = g + (Ak @ torch.cat([self.E, torch.zeros(self.n, self.m, dtype=DT)])).T @ a
+        return g
+
+    def exact(self):
+        return self.truncated(self.steps)
+
+    def loss(self):
+        w = self.trajectory()[: self.n]
+        return 0.5 * ((self.P @ w - self.y) ** 2).sum() + 0.5 * self.rho * (self.lam**2).sum()
+
+
+def mlp_params(sizes, seed=0, dtype=DT):
+    """Params of a tanh MLP as a nested TensorDict {"0": {"weight","bias"}, "1": ...}."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers[str(i)] = td(
+            weight=torch.randn(b, a, generator=g, dtype=dtype) / a**0.5,
+            bias=0.1 * torch.randn(b, generator=g, dtype=dtype),
+        )
+    return TensorDict(layers, batch_size=[])
+
+
+def mlp(params, x):
+    n = len(params.keys())
+    for i in range(n):
+        x = x @ params[str(i), "weight"].T + params[str(i), "bias"]
+        if i < n - 1:
+            x = torch.tanh(x)
+    return x
+
+
+def tree_close(a, b, rtol=1e-10, atol=1e-12):
+    """Assert two TensorDicts have the same keys and close values."""
+    assert set(a.keys(True, True)) == set(b.keys(True, True))
+    for k in a.keys(True, True):
+        torch.testing.assert_close(a.get(k), b.get(k), rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
