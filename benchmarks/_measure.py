@@ -1,0 +1,67 @@
+"""Timing and peak-memory helpers for the benchmark scripts (not part of the library)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated by operators while the mode is active.
+
+    Every non-aliasing operator output is counted when created and uncounted when the tensor is
+    freed; the peak is the maximum of the running total. It sees the plain tensors under
+    ``torch.func`` wrappers, so it measures what a transform really keeps alive, on any device,
+    without a CUDA allocator. Inputs that exist before the call are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    nbytes = t.untyped_storage().nbytes()
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, nbytes)
+        return out
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    with PeakMemory() as mode:
+        fn()
+    return mode.peak
+
+
+def median_seconds(*fns: Callable[[], Any], reps: int) -> list[float]:
+    """Median wall-clock seconds of each function, their repetitions interleaved after one warm-up
+    call each, so that a slow drift of the machine's speed affects them alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, samples in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
