@@ -32,7 +32,7 @@ def main():
     for it in range(args.iterations + 1):
         tasks = hf.tasks.sinusoid_tasks(10, generator=gen)
         res = hg(hparams, heads, tasks.inner_batches, tasks.outer_batch)
-        grads = res.grads.apply(lambda g: g.mean(0))  # average over the meta-batch
+        grads = res.grads.mean(0)  # average over the meta-batch
         updates, meta_state = meta_opt.update(grads, meta_state, params=hparams)
         hparams = torchopt.apply_updates(hparams, updates, inplace=False)
         if it % 50 == 0:
