@@ -80,18 +80,25 @@ class Quadratic:
         B = torch.cat([self.lr * self.C, -self.C])
         return A, B
 
-    def trajectory(self):
+    def states(self):
+        """s_0, s_1, ..., s_T."""
         A, B = self.matrices()
         w0 = self.E @ self.lam if self.learned_init else self.w0
-        s = torch.cat([w0, torch.zeros(self.n, dtype=DT)])
+        out = [torch.cat([w0, torch.zeros(self.n, dtype=DT)])]
         for t in range(self.steps):
             c = torch.cat([self.lr * self.b[t], -self.b[t]])
-            s = A @ s + B @ self.lam + c
-        return s
+            out.append(A @ out[-1] + B @ self.lam + c)
+        return out
+
+    def trajectory(self):
+        return self.states()[-1]
+
+    def alpha_at(self, s):
+        """∂L_out/∂s at state s (zero on the momentum buffer)."""
+        return torch.cat([self.P.T @ (self.P @ s[: self.n] - self.y), torch.zeros(self.n, dtype=DT)])
 
     def alpha(self):
-        s = self.trajectory()
-        return torch.cat([self.P.T @ (self.P @ s[: self.n] - self.y), torch.zeros(self.n, dtype=DT)])
+        return self.alpha_at(self.trajectory())
 
     def truncated(self, K):
         """ρλ + Σ_{t=T−K+1..T} (A^{T−t} B)ᵀ α, plus the w_0 term when K >= T."""

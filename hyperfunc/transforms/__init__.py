@@ -2,6 +2,21 @@
 
 from ._problem import HyperGrad
 from .forward import forward
-from .reverse import HyperGradFn, Transform, first_order, one_step, truncate, unroll
+from .greedy import greedy_accumulate
+from .implicit import ImplicitHyperGrad, implicit
+from .reverse import HyperGradFn, Transform, drmad, first_order, one_step, truncate, unroll
 
-__all__ = ["HyperGrad", "HyperGradFn", "Transform", "first_order", "forward", "one_step", "truncate", "unroll"]
+__all__ = [
+    "HyperGrad",
+    "HyperGradFn",
+    "ImplicitHyperGrad",
+    "Transform",
+    "drmad",
+    "first_order",
+    "forward",
+    "greedy_accumulate",
+    "implicit",
+    "one_step",
+    "truncate",
+    "unroll",
+]

@@ -16,7 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 from tensordict import TensorDictBase
 
-from .._tree import Keys, Leaves, build, check_same_keys, check_tensordict, keys_of, leaves_of
+from .._tree import Keys, Leaves, add, build, check_same_keys, check_tensordict, keys_of, leaves_of
 from ..loop import InnerLoop, Loss, call_loss
 
 
@@ -104,6 +104,23 @@ class Problem:
 
     def result(self, grads: Leaves, loss: torch.Tensor, s: Leaves) -> HyperGrad:
         return HyperGrad(build(self.hkeys, grads), loss, build(self.pkeys, s[: len(self.pkeys)]))
+
+    def step_vjp(self, prep: Prepared, s: Leaves, h: Leaves, start: int, stop: int):
+        """Steps ``start..stop-1`` from ``s`` and the VJP of that map in ``(s, h, d)``."""
+        return torch.func.vjp(lambda s, h, d: self.run(s, h, prep.rebuild(d), start, stop), s, h, prep.d)
+
+    def initial(self) -> tuple[Leaves, Optional[Callable]]:
+        """``s_0`` and, for a learned initialization, the VJP of ``h ↦ s_0``."""
+        if self.learned_init:
+            return torch.func.vjp(self.init_state, self.h)
+        return self.init_state(self.h), None
+
+    def finish(self, prep: Prepared, ct_h: Leaves, ct_d: Leaves, ct_s0: Optional[Leaves], init_vjp) -> Leaves:
+        """Add the terms through ``w_0(λ)`` (cotangent ``ct_s0`` on ``s_0``) and through ``prepare``."""
+        if init_vjp is not None and ct_s0 is not None:
+            ct_h = add(ct_h, init_vjp(ct_s0)[0])
+        pulled = prep.pull(ct_d)
+        return ct_h if pulled is None else add(ct_h, pulled)
 
     # -- prepared batches ----------------------------------------------------------------------
     def prepared(self) -> Prepared:

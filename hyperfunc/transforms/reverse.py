@@ -41,11 +41,10 @@ def reverse_hypergrad(problem: Problem, depth: int, every: Optional[int] = None)
     first = steps - min(depth, steps)
     prep = problem.prepared()
     batches = prep.rebuild(prep.d)
-    init_vjp = None
-    if first == 0 and problem.learned_init:
-        s, init_vjp = torch.func.vjp(problem.init_state, h)
+    if first == 0:
+        s, init_vjp = problem.initial()
     else:
-        s = problem.run(problem.init_state(h), h, batches, 0, first)
+        s, init_vjp = problem.run(problem.init_state(h), h, batches, 0, first), None
     every = every or max(steps - first, 1)
     starts = list(range(first, steps, every)) or [first]
     stops = starts[1:] + [steps]
@@ -60,15 +59,35 @@ def reverse_hypergrad(problem: Problem, depth: int, every: Optional[int] = None)
     loss, vjp_fn, final = torch.func.vjp(tail, checkpoints[-1], h, prep.d, has_aux=True)
     ct_s, ct_h, ct_d = vjp_fn(torch.ones_like(loss))
     for a, b, s in zip(reversed(starts[:-1]), reversed(stops[:-1]), reversed(checkpoints[:-1])):
-        _, vjp_fn = torch.func.vjp(lambda s, h, d, a=a, b=b: problem.run(s, h, prep.rebuild(d), a, b), s, h, prep.d)
-        ct_s, ct_hs, ct_ds = vjp_fn(ct_s)
+        ct_s, ct_hs, ct_ds = problem.step_vjp(prep, s, h, a, b)[1](ct_s)
         ct_h, ct_d = add(ct_h, ct_hs), add(ct_d, ct_ds)
-    if init_vjp is not None:
-        ct_h = add(ct_h, init_vjp(ct_s)[0])
-    pulled = prep.pull(ct_d)
-    if pulled is not None:
-        ct_h = add(ct_h, pulled)
-    return problem.result(ct_h, loss, final)
+    return problem.result(problem.finish(prep, ct_h, ct_d, ct_s, init_vjp), loss, final)
+
+
+def interpolate(s0: Leaves, sT: Leaves, c: float) -> Leaves:
+    """``(1 - c) s0 + c sT`` leaf by leaf (DrMAD's linear trajectory)."""
+    return tuple((1 - c) * a + c * b for a, b in zip(s0, sT))
+
+
+def drmad_pass(problem: Problem, prep, s0: Leaves, sT: Leaves, on_step=None):
+    r"""DrMAD's backward travel (HyperDistill Algorithm 2) over ``ŝ_{t-1} = (1-(t-1)/T) s_0 + ((t-1)/T) s_T``.
+
+    Returns the outer loss, and the cotangents on ``h``, on the prepared batches and on ``s_0``.
+    ``on_step(t, ct_h_partial, alpha_T)`` is called after each step ``t = T..1`` with the partial
+    second-order sum over the horizon ``s = T - t + 1`` (HyperDistill Eq. 16).
+    """
+    h, steps = problem.h, problem.loop.steps
+    loss, vjp_fn = torch.func.vjp(problem.outer, sT, h)
+    alpha_T, ct_h = vjp_fn(torch.ones_like(loss))
+    ct_s, ct_d = alpha_T, tuple(torch.zeros_like(x) for x in prep.d)
+    second = tuple(torch.zeros_like(x) for x in h)
+    for t in range(steps, 0, -1):
+        s_hat = interpolate(s0, sT, (t - 1) / steps)
+        ct_s, ct_hs, ct_ds = problem.step_vjp(prep, s_hat, h, t - 1, t)[1](ct_s)
+        second, ct_d = add(second, ct_hs), add(ct_d, ct_ds)
+        if on_step is not None:
+            on_step(t, second, alpha_T)
+    return loss, add(ct_h, second), ct_d, ct_s
 
 
 def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = None) -> HyperGradFn:
@@ -178,3 +197,37 @@ def first_order(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         >>> hg = hf.first_order(loop, lambda p, h, y: ((h["a"] * p["w"] - y) ** 2).sum())
     """
     return truncate(0)(loop, outer_loss)
+
+
+def drmad(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
+    r"""DrMAD (Fu et al. 2016; HyperDistill Algorithm 2): the reverse pass of :func:`unroll` on a
+    linearly interpolated trajectory instead of the stored one.
+
+    .. math::
+        \hat s_{t-1} = \Big(1 - \tfrac{t-1}{T}\Big) s_0 + \tfrac{t-1}{T} s_T, \qquad
+        h = \partial_\lambda L_{out}(w_T) + \sum_{t=1}^{T} \alpha_T \hat A_T \cdots \hat A_{t+1} \hat B_t
+
+    with :math:`\hat A_t, \hat B_t` the step Jacobians at :math:`\hat s_{t-1}` (optimizer buffers are
+    interpolated too). Exact when the step Jacobians are constant (a quadratic inner loss with
+    plain gradient descent); otherwise biased by the curvature of the real trajectory. The
+    learned-initialization term uses the same pulled-back cotangent on ``s_0``.
+
+    Cost: ``T`` gradient steps forward, ``T`` step VJPs backward (2T products); memory O(|s|):
+    only ``s_0`` and ``s_T`` are kept.
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
+        >>> hg = hf.drmad(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    check_transform_args(loop, outer_loss)
+
+    def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
+        problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
+        prep = problem.prepared()
+        s0, init_vjp = problem.initial()
+        sT = problem.run(s0, problem.h, prep.rebuild(prep.d), 0, loop.steps)
+        loss, ct_h, ct_d, ct_s0 = drmad_pass(problem, prep, s0, sT)
+        return problem.result(problem.finish(prep, ct_h, ct_d, ct_s0, init_vjp), loss, sT)
+
+    return hg

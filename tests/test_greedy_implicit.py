@@ -1,0 +1,113 @@
+"""greedy_accumulate against an explicit sum over stored states; implicit against the closed-form IFT."""
+
+import pytest
+import torch
+from problems import DT, Quadratic, td, tree_close
+
+import hyperfunc as hf
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("learned_init", [False, True])
+def test_greedy_equals_explicit_sum(gamma, learned_init):
+    quad = Quadratic(learned_init=learned_init)
+    A, B = quad.matrices()
+    states = quad.states()
+    T = quad.steps
+    expected = quad.rho * quad.lam
+    for t in range(1, T + 1):
+        total_B = B + (A @ torch.cat([quad.E, torch.zeros(quad.n, quad.m, dtype=DT)]) if learned_init and t == 1 else 0)
+        expected = expected + gamma ** (T - t) * total_B.T @ quad.alpha_at(states[t])
+    res = hf.greedy_accumulate(gamma)(quad.loop(), quad.outer)(*quad.args())
+    torch.testing.assert_close(res.grads["lam"], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.loss, quad.loss())
+
+
+def test_greedy_zero_is_one_step():
+    quad = Quadratic()
+    args = quad.args()
+    greedy = hf.greedy_accumulate(0.0)(quad.loop(), quad.outer)(*args)
+    tree_close(greedy.grads, hf.one_step(quad.loop(), quad.outer)(*args).grads)
+
+
+def _strongly_convex(steps=400):
+    quad = Quadratic(steps=steps, momentum=0.5, lr=0.2)
+    quad.b = quad.b[:1].expand(steps, -1).clone()
+    return quad
+
+
+def _ift_closed_form(quad, w):
+    Qe = quad.Q + quad.wd * torch.eye(quad.n, dtype=DT)
+    v = torch.linalg.solve(Qe, quad.P.T @ (quad.P @ w - quad.y))
+    return quad.rho * quad.lam + quad.C.T @ v
+
+
+def test_cg_equals_closed_form_ift():
+    quad = _strongly_convex()
+    res = hf.implicit("cg", iters=quad.n)(quad.loop(), quad.outer)(*quad.args())
+    torch.testing.assert_close(res.grads["lam"], _ift_closed_form(quad, res.params["w"]), rtol=1e-9, atol=1e-11)
+    assert res.residual < 1e-9
+    # at convergence the IFT hypergradient is the exact one
+    torch.testing.assert_close(res.grads["lam"], quad.exact(), rtol=1e-6, atol=1e-8)
+
+
+def test_neumann_converges_to_closed_form():
+    quad = _strongly_convex()
+    expected = _ift_closed_form(quad, quad.trajectory()[: quad.n])
+    errors, residuals = [], []
+    for iters in [1, 5, 20, 100, 400]:
+        res = hf.implicit("neumann", iters=iters)(quad.loop(), quad.outer)(*quad.args())
+        errors.append(float((res.grads["lam"] - expected).norm()))
+        residuals.append(float(res.residual))
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-8 and residuals[-1] < 1e-8
+
+
+def test_damped_cg_solves_the_damped_system():
+    quad = _strongly_convex()
+    res = hf.implicit("cg", iters=quad.n, damping=0.7)(quad.loop(), quad.outer)(*quad.args())
+    w = res.params["w"]
+    Qe = quad.Q + (quad.wd + 0.7) * torch.eye(quad.n, dtype=DT)
+    expected = quad.rho * quad.lam + quad.C.T @ torch.linalg.solve(Qe, quad.P.T @ (quad.P @ w - quad.y))
+    torch.testing.assert_close(res.grads["lam"], expected, rtol=1e-9, atol=1e-11)
+
+
+def test_linalg_on_tensordicts():
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=DT)
+    b = td(x=torch.tensor([1.0, 2.0], dtype=DT))
+    sol = hf.linalg.cg(lambda v: td(x=A @ v["x"]), b, iters=2)
+    torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))
+    sol = hf.linalg.neumann(lambda v: td(x=A @ v["x"]), b, iters=200, alpha=0.2)
+    torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda q: hf.greedy_accumulate(1.5), ValueError, "gamma must lie in \\[0, 1\\]"),
+        (lambda q: hf.greedy_accumulate(-0.1), ValueError, "gamma must lie in \\[0, 1\\]"),
+        (lambda q: hf.implicit("lu", iters=3), ValueError, "method must be one of"),
+        (lambda q: hf.implicit("cg", iters=0), ValueError, "iters must be >= 1"),
+        (lambda q: hf.implicit("cg", iters=3, damping=-1.0), ValueError, "damping must be"),
+        (
+            lambda q: hf.implicit("cg", iters=3)(
+                hf.InnerLoop(q.inner, hf.optim.sgd(lr=lambda h: h["lam"].sum()), 5), q.outer
+            ),
+            ValueError,
+            "cannot differentiate optimizer hyperparameters",
+        ),
+        (
+            lambda q: hf.implicit("cg", iters=3)(hf.InnerLoop(q.inner, hf.optim.sgld(lr=0.1), 5), q.outer),
+            ValueError,
+            "deterministic optimizer",
+        ),
+        (
+            lambda q: hf.implicit("neumann", iters=3)(hf.InnerLoop(q.inner, hf.optim.adam(lr=0.1), 5), q.outer),
+            ValueError,
+            "needs alpha",
+        ),
+    ],
+)
+def test_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make(Quadratic())
