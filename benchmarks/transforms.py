@@ -51,6 +51,10 @@ def transforms(steps: int):
         "truncate(10)": (hf.truncate(10), hf.tasks.anil_sinusoid),
         "one_step": (hf.one_step, hf.tasks.anil_sinusoid),
         "first_order": (hf.first_order, hf.tasks.anil_sinusoid),
+        "drmad": (hf.drmad, hf.tasks.anil_sinusoid),
+        "greedy_accumulate(0.9)": (hf.greedy_accumulate(0.9), hf.tasks.anil_sinusoid),
+        "implicit('neumann', 10)": (hf.implicit("neumann", iters=10), hf.tasks.anil_sinusoid),
+        "implicit('cg', 10)": (hf.implicit("cg", iters=10), hf.tasks.anil_sinusoid),
         "forward (lr, wd)": (hf.forward, lr_wd_problem),
     }
 
