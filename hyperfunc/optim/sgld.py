@@ -7,8 +7,10 @@ from ._base import Arg, Optimizer, at, check_arg, is_zero, safe_sqrt
 from ._noise import normal
 
 
-def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0) -> Optimizer:
-    r"""Functional SGLD: :math:`w \leftarrow w - \eta\, g_t + \sqrt{2 \eta \tau}\; z_t`, :math:`z_t \sim N(0, I)`.
+def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0, weight_decay: Arg = 0.0) -> Optimizer:
+    r"""Functional SGLD (Welling & Teh 2011).
+
+    .. math:: w \leftarrow w - \eta\, (g_t + \text{wd}\, w) + \sqrt{2 \eta \tau}\; z_t, \qquad z_t \sim N(0, I)
 
     This is the sampler of Kim & Hospedales (HPO-SGLD, Algorithm 1) with :math:`\eta` = ``lr`` and
     :math:`\tau` = ``temperature``; at ``temperature=0`` it is plain gradient descent. The noise
@@ -29,12 +31,19 @@ def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0) -> Optimizer:
     """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    args = {"lr": check_arg("lr", lr), "temperature": check_arg("temperature", temperature)}
+    args = {
+        "lr": check_arg("lr", lr),
+        "temperature": check_arg("temperature", temperature),
+        "weight_decay": check_arg("weight_decay", weight_decay),
+    }
+    decay = not is_zero(args["weight_decay"])
 
     def rule(params: Leaves, buffers: tuple, grads: Leaves, a: dict, step) -> tuple:
         new = []
         for i, (w, g) in enumerate(zip(params, grads)):
             lr, tau = at(a["lr"], i), at(a["temperature"], i)
+            if decay:
+                g = g + at(a["weight_decay"], i) * w
             w = w - lr * g
             if not is_zero(tau):
                 w = w + safe_sqrt(2 * lr * tau) * normal(w.shape, seed, step, i, w.dtype, w.device)

@@ -4,6 +4,7 @@ from ._problem import HyperGrad
 from .forward import forward
 from .greedy import greedy_accumulate
 from .implicit import ImplicitHyperGrad, implicit
+from .langevin import langevin
 from .reverse import HyperGradFn, Transform, drmad, first_order, one_step, truncate, unroll
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "forward",
     "greedy_accumulate",
     "implicit",
+    "langevin",
     "one_step",
     "truncate",
     "unroll",

@@ -1,0 +1,70 @@
+"""langevin (HPO-SGLD) against its recursion computed by hand on the 1D problem of Kim & Hospedales Sec. 4.1."""
+
+import pytest
+import torch
+from problems import DT, td
+
+import hyperfunc as hf
+
+
+def inner(p, h, b):
+    th = p["theta"]
+    return th**3 / 3 - (1 - h["lam"] ** 2) * th
+
+
+def outer(p, h, b):
+    th = p["theta"]
+    return (h["lam"] - th) ** 2 + (th - 0.5) ** 2
+
+
+def _by_hand(lam, theta0, eta, B, M):
+    """Eqs. (24), (22), (25) at tau = 0: θ_m = θ_{m-1} − η ∂_θ L_T, g_m = g_{m-1} − η ∂_θ f(θ_m)·2λ."""
+    theta, g, h = theta0, 0.0, 0.0
+    for m in range(1, B + M + 1):
+        theta = theta - eta * (theta**2 - (1 - lam**2))
+        g = g - eta * (-2 * (lam - theta) + 2 * (theta - 0.5)) * 2 * lam
+        if m > B:
+            h += (2 * (lam - theta) + g) / M
+    return h, theta
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.75])
+def test_zero_temperature_equals_hand_recursion(lam):
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.05), steps=1, full_batch=True)
+    res = hf.langevin(B=20, M=30, tau=0.0)(loop, outer)(
+        td(lam=torch.tensor(lam, dtype=DT)), td(theta=torch.tensor(0.5, dtype=DT)), torch.zeros(1, dtype=DT), None
+    )
+    expected, theta = _by_hand(lam, 0.5, 0.05, 20, 30)
+    torch.testing.assert_close(res.grads["lam"], torch.tensor(expected, dtype=DT), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res.params["theta"], torch.tensor(theta, dtype=DT), rtol=1e-12, atol=1e-12)
+
+
+def test_noise_is_reproducible_and_small_temperature_is_continuous():
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.05), steps=1, full_batch=True)
+    args = (td(lam=torch.tensor(0.4, dtype=DT)), td(theta=torch.tensor(0.5, dtype=DT)), torch.zeros(1, dtype=DT), None)
+    a = hf.langevin(10, 10, tau=0.1, seed=3)(loop, outer)(*args).grads["lam"]
+    b = hf.langevin(10, 10, tau=0.1, seed=3)(loop, outer)(*args).grads["lam"]
+    c = hf.langevin(10, 10, tau=0.1, seed=4)(loop, outer)(*args).grads["lam"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    zero = hf.langevin(10, 10, tau=0.0)(loop, outer)(*args).grads["lam"]
+    tiny = hf.langevin(10, 10, tau=1e-12, seed=3)(loop, outer)(*args).grads["lam"]
+    torch.testing.assert_close(tiny, zero, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: hf.langevin(0, 5, 0.1), ValueError, "B must be >= 1"),
+        (lambda: hf.langevin(5, 0, 0.1), ValueError, "M must be >= 1"),
+        (lambda: hf.langevin(5, 5, -0.1), ValueError, "tau must be a number >= 0"),
+        (
+            lambda: hf.langevin(5, 5, 0.1)(hf.InnerLoop(inner, hf.optim.sgd(lr=0.1, momentum=0.9), 1), outer),
+            ValueError,
+            "plain SGD",
+        ),
+        (lambda: hf.langevin(5, 5, 0.1)(hf.InnerLoop(inner, hf.optim.adam(), 1), outer), ValueError, "plain SGD"),
+    ],
+)
+def test_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
