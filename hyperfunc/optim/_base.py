@@ -46,11 +46,8 @@ class Optimizer:
         """The optimizer state before the first step: params, zero buffers and ``step = 0``."""
         check_tensordict(params, "params")
         keys = keys_of(params)
-        state = {"params": params.clone(recurse=False)}
-        for name in self.buffers:
-            state[name] = build(keys, [torch.zeros_like(p) for p in leaves_of(params, keys)])
-        state["step"] = torch.zeros((), dtype=torch.int64, device=_device(params))
-        return build(tuple(state), tuple(state.values()))
+        step = torch.zeros((), dtype=torch.int64, device=_device(params))
+        return self.state_dict(self.init_leaves(leaves_of(params, keys)), keys, step)
 
     def update(
         self, state: TensorDictBase, grads: TensorDictBase, hparams: TensorDictBase | None = None

@@ -8,6 +8,7 @@ transform pulls its cotangents back through them exactly once.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
@@ -32,6 +33,15 @@ class HyperGrad(NamedTuple):
     grads: TensorDictBase
     loss: torch.Tensor
     params: TensorDictBase
+
+
+def check_int(value: Any, name: str, low: int) -> int:
+    """Raise unless ``value`` is an integer ``>= low``; return it as an int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def check_transform_args(loop: Any, outer_loss: Any) -> None:

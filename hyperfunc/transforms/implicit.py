@@ -11,8 +11,8 @@ from tensordict import TensorDictBase
 from .. import linalg
 from .._tree import Leaves, add, axpy, scale
 from ..loop import InnerLoop, Loss
-from ._problem import Problem, check_transform_args
-from .reverse import HyperGradFn, Transform, _check_int
+from ._problem import Problem, check_int, check_transform_args
+from .reverse import HyperGradFn, Transform
 
 SOLVERS = ("neumann", "cg")
 
@@ -75,7 +75,7 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
     """
     if method not in SOLVERS:
         raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
-    iters = _check_int(iters, "iters", 1)
+    iters = check_int(iters, "iters", 1)
     if alpha is not None and (not isinstance(alpha, numbers.Real) or not alpha > 0):
         raise ValueError(f"alpha must be a positive number or None, got {alpha!r}")
     if not isinstance(damping, numbers.Real) or damping < 0:

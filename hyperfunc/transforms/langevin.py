@@ -10,8 +10,8 @@ import torch
 from .._tree import add, axpy, scale, zeros_like
 from ..loop import InnerLoop, Loss
 from ..optim import sgld
-from ._problem import HyperGrad, Problem, check_transform_args
-from .reverse import HyperGradFn, Transform, _check_int
+from ._problem import HyperGrad, Problem, check_int, check_transform_args
+from .reverse import HyperGradFn, Transform
 
 
 def sampler(loop: InnerLoop, steps: int, tau: float, seed: Optional[int]) -> InnerLoop:
@@ -65,8 +65,8 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=1)
         >>> hg = hf.langevin(B=50, M=50, tau=1e-3, seed=0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
-    B = _check_int(B, "B", 1)
-    M = _check_int(M, "M", 1)
+    B = check_int(B, "B", 1)
+    M = check_int(M, "M", 1)
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau < 0:
         raise ValueError(f"tau must be a number >= 0, got {tau!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -81,26 +81,24 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
             prep = problem.prepared()
             h = problem.h
             s, init_vjp = problem.initial()
-            grad_f = torch.func.grad(problem.outer, argnums=(0, 1))
-            alpha, _ = grad_f(s, h)
+            grad_f = torch.func.grad_and_value(problem.outer, argnums=(0, 1))
             # g_m = G_h + G_d·(dd/dλ) + G_0·(dθ_0/dλ); H_* are their averages over the last M samples
             G_h, G_d = zeros_like(h), zeros_like(prep.d)
-            G_0 = alpha if init_vjp is not None else zeros_like(s)
+            G_0 = grad_f(s, h)[0][0] if init_vjp is not None else zeros_like(s)
             H_h, H_d, H_0 = zeros_like(h), zeros_like(prep.d), zeros_like(s)
             for m in range(1, B + M + 1):
                 s_new, step_vjp = problem.step_vjp(prep, s, h, m - 1, m)
-                alpha, direct = grad_f(s_new, h)
+                (alpha, direct), loss = grad_f(s_new, h)
                 ct_s, ct_h, ct_d = step_vjp(alpha)
                 G_h, G_d = add(G_h, ct_h), add(G_d, ct_d)
                 if init_vjp is not None:
                     delta = axpy(-1.0, s, s_new)
-                    hvp = torch.func.jvp(lambda x: grad_f(x, h)[0], (s,), (delta,))[1]
+                    hvp = torch.func.jvp(lambda x: grad_f(x, h)[0][0], (s,), (delta,))[1]
                     G_0 = add(G_0, add(hvp, axpy(-1.0, alpha, ct_s)))
                 if m > B:
                     H_h = add(H_h, scale(1.0 / M, add(direct, G_h)))
                     H_d, H_0 = add(H_d, scale(1.0 / M, G_d)), add(H_0, scale(1.0 / M, G_0))
                 s = s_new
-            loss = problem.outer(s, h)
             return problem.result(problem.finish(prep, H_h, H_d, H_0, init_vjp), loss, s)
 
         return hg
