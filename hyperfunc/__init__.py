@@ -1,18 +1,21 @@
 """hyperfunc: hypergradients through functional inner loops, built on ``torch.func``."""
 
-from . import linalg, optim, tasks
+from . import linalg, online, optim, tasks
 from .loop import InnerLoop
 from .transforms import (
+    Estimate,
     HyperGrad,
     HyperGradFn,
     ImplicitHyperGrad,
     Transform,
+    distill,
     drmad,
     first_order,
     forward,
     greedy_accumulate,
     implicit,
     langevin,
+    linear_estimation,
     one_step,
     truncate,
     unroll,
@@ -21,11 +24,13 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Estimate",
     "HyperGrad",
     "HyperGradFn",
     "ImplicitHyperGrad",
     "InnerLoop",
     "Transform",
+    "distill",
     "drmad",
     "first_order",
     "forward",
@@ -33,6 +38,8 @@ __all__ = [
     "implicit",
     "langevin",
     "linalg",
+    "linear_estimation",
+    "online",
     "one_step",
     "optim",
     "tasks",

@@ -32,12 +32,16 @@ def _hash(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def normal(shape: torch.Size, seed: int, step: Any, stream: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    """Standard normal samples of ``shape`` determined by ``(seed, step, stream)`` alone (Box-Muller)."""
+def bits(shape: Any, seed: int, step: Any, stream: int, device: Any) -> torch.Tensor:
+    """Uniform 32-bit integers (as int64) of ``shape`` determined by ``(seed, step, stream)`` alone."""
     step = torch.as_tensor(step, dtype=torch.int64, device=device)
     key = _hash(_hash(_hash(torch.tensor(seed, dtype=torch.int64, device=device)) ^ step) ^ stream)
-    index = torch.arange(2 * math.prod(shape), dtype=torch.int64, device=device).reshape(2, *shape)
-    bits = _hash(_hash(index) ^ key).to(torch.float64)
-    u = (bits + 0.5) / 2.0**32
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
+    return _hash(_hash(index) ^ key)
+
+
+def normal(shape: torch.Size, seed: int, step: Any, stream: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """Standard normal samples of ``shape`` determined by ``(seed, step, stream)`` alone (Box-Muller)."""
+    u = (bits((2, *shape), seed, step, stream, device).to(torch.float64) + 0.5) / 2.0**32
     z = torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
     return z.to(dtype)

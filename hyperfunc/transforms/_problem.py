@@ -107,6 +107,10 @@ class Problem:
         """Inner steps ``start..stop-1`` from state ``s``."""
         return self.loop.run_leaves(self.pkeys, s, self.hparams(h), batches, start, stop)
 
+    def step_on(self, s: Leaves, h: Leaves, batch: Any, t: int) -> Leaves:
+        """One inner step (optimizer step index ``t``) from ``s`` on an explicit ``batch``."""
+        return self.loop.step_leaves(self.pkeys, s, self.hparams(h), batch, t)
+
     def outer(self, s: Leaves, h: Leaves) -> torch.Tensor:
         r""":math:`L_{out}(w, \lambda; D_{val})` for the params held in state ``s``."""
         params = build(self.pkeys, s[: len(self.pkeys)])

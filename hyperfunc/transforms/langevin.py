@@ -3,7 +3,7 @@ r"""HPO-SGLD: hypergradients of an expectation over SGLD samples (Kim & Hospedal
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -26,6 +26,14 @@ def sampler(loop: InnerLoop, steps: int, tau: float, seed: Optional[int]) -> Inn
         )
     new = sgld(opt.args["lr"], temperature=tau, seed=seed or 0, weight_decay=opt.args.get("weight_decay", 0.0))
     return dataclasses.replace(loop, optimizer=new, steps=steps)
+
+
+def check_langevin_args(tau: Any, seed: Any) -> tuple[float, Optional[int]]:
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau < 0:
+        raise ValueError(f"tau must be a number >= 0, got {tau!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return float(tau), seed
 
 
 def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transform:
@@ -67,14 +75,11 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
     """
     B = check_int(B, "B", 1)
     M = check_int(M, "M", 1)
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau < 0:
-        raise ValueError(f"tau must be a number >= 0, got {tau!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    tau, seed = check_langevin_args(tau, seed)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         check_transform_args(loop, outer_loss)
-        chain = sampler(loop, B + M, float(tau), seed)
+        chain = sampler(loop, B + M, tau, seed)
 
         def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
             problem = Problem.bind(chain, outer_loss, hparams, params0, inner_batches, outer_batch)

@@ -64,8 +64,9 @@ def drmad_pass(problem: Problem, prep, s0: Leaves, sT: Leaves, on_step=None):
     r"""DrMAD's backward travel (HyperDistill Algorithm 2) over ``ŝ_{t-1} = (1-(t-1)/T) s_0 + ((t-1)/T) s_T``.
 
     Returns the outer loss, and the cotangents on ``h``, on the prepared batches and on ``s_0``.
-    ``on_step(t, ct_h_partial, alpha_T)`` is called after each step ``t = T..1`` with the partial
-    second-order sum over the horizon ``s = T - t + 1`` (HyperDistill Eq. 16).
+    ``on_step(t, s_hat, second_h, second_d, alpha_T)`` is called after each step ``t = T..1`` with
+    the interpolated state ``ŝ_{t-1}`` and the partial second-order sum over the horizon
+    ``s = T - t + 1`` (HyperDistill Eq. 16), split into its cotangents on ``h`` and on the batches.
     """
     h, steps = problem.h, problem.loop.steps
     loss, vjp_fn = torch.func.vjp(problem.outer, sT, h)
@@ -77,7 +78,7 @@ def drmad_pass(problem: Problem, prep, s0: Leaves, sT: Leaves, on_step=None):
         ct_s, ct_hs, ct_ds = problem.step_vjp(prep, s_hat, h, t - 1, t)[1](ct_s)
         second, ct_d = add(second, ct_hs), add(ct_d, ct_ds)
         if on_step is not None:
-            on_step(t, second, alpha_T)
+            on_step(t, s_hat, second, ct_d, alpha_T)
     return loss, add(ct_h, second), ct_d, ct_s
 
 
