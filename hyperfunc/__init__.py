@@ -1,6 +1,7 @@
 """hyperfunc: hypergradients through functional inner loops, built on ``torch.func``."""
 
-from . import linalg, online, optim, tasks
+from . import diagnostics, linalg, online, optim, tasks
+from .diagnostics import Agreement, agreement, compare
 from .loop import InnerLoop
 from .transforms import (
     Estimate,
@@ -24,12 +25,16 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agreement",
     "Estimate",
     "HyperGrad",
     "HyperGradFn",
     "ImplicitHyperGrad",
     "InnerLoop",
     "Transform",
+    "agreement",
+    "compare",
+    "diagnostics",
     "distill",
     "drmad",
     "first_order",
