@@ -231,7 +231,7 @@ def distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLoop, Los
 
         def init(hparams, params0) -> OnlineState:
             inner = _start(loop, hparams, params0)
-            return OnlineState(inner, (loop.optimizer.state_leaves(inner, keys_of(params0)), None))
+            return OnlineState(inner, (loop.optimizer.state_leaves(inner, keys_of(params0)), ()))
 
         def step(state, hparams, batch, outer_batch, t):
             b = _Step.bind(loop, outer_loss, state, hparams, batch, outer_batch, t)

@@ -19,12 +19,17 @@ TRANSFORMS = {
     "greedy": hf.greedy_accumulate(0.7),
     "implicit_cg": hf.implicit("cg", iters=5),
     "implicit_neumann": hf.implicit("neumann", iters=5),
+    "distill": hf.distill(0.8),
+    "distill_fixed_theta": hf.distill(0.5, theta=0.7, seed=2),
+    "langevin": hf.langevin(3, 3, tau=0.01, seed=1),
 }
 # IFT cannot differentiate a learning rate: those transforms get a loop with a constant one.
 CONSTANT_LR = {"implicit_cg", "implicit_neumann"}
+# HPO-SGLD needs plain SGD, and B + M = 6 steps.
+PLAIN = {"langevin"}
 
 
-def _anil(prepare: bool, full_batch: bool, constant_lr: bool = False):
+def _anil(prepare: bool, full_batch: bool, constant_lr: bool = False, momentum: float = 0.9):
     """Body (hparams) -> features; linear head (params) trained inside; labels as an int tensor too."""
 
     def head(p, f):
@@ -40,7 +45,7 @@ def _anil(prepare: bool, full_batch: bool, constant_lr: bool = False):
         return ((head(p, mlp(h["body"], x)) - y) ** 2).mean()
 
     prep = (lambda h, batch: (mlp(h["body"], batch[0]), batch[1], batch[2])) if prepare else None
-    opt = hf.optim.sgd(lr=0.1 if constant_lr else (lambda h: h["lr"]), momentum=0.9)
+    opt = hf.optim.sgd(lr=0.1 if constant_lr else (lambda h: h["lr"]), momentum=momentum)
     return hf.InnerLoop(inner, opt, steps=T, full_batch=full_batch, prepare=prep), outer
 
 
@@ -59,8 +64,9 @@ def _anil_data(full_batch: bool, seed=0):
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_prepare_equals_recomputing_features(name, full_batch):
     args = _anil_data(full_batch)
-    plain = TRANSFORMS[name](*_anil(False, full_batch, name in CONSTANT_LR))(*args)
-    cached = TRANSFORMS[name](*_anil(True, full_batch, name in CONSTANT_LR))(*args)
+    momentum = 0.0 if name in PLAIN else 0.9
+    plain = TRANSFORMS[name](*_anil(False, full_batch, name in CONSTANT_LR, momentum))(*args)
+    cached = TRANSFORMS[name](*_anil(True, full_batch, name in CONSTANT_LR, momentum))(*args)
     tree_close(cached.grads, plain.grads, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(cached.loss, plain.loss)
     assert plain.grads["body", "0", "weight"].abs().sum() > 0
@@ -68,7 +74,8 @@ def test_prepare_equals_recomputing_features(name, full_batch):
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_vmap_equals_loop(name):
-    quads = [Quadratic(seed=s, learned_init=False) for s in range(3)]
+    kw = dict(momentum=0.0, steps=6) if name in PLAIN else {}
+    quads = [Quadratic(seed=s, learned_init=False, **kw) for s in range(3)]
     loop, outer = quads[0].loop(), quads[0].outer  # same Q, C, P across tasks; tasks differ in data
     hg = TRANSFORMS[name](loop, outer)
     hparams = quads[0].hparams()
@@ -83,7 +90,7 @@ def test_vmap_equals_loop(name):
         tree_close(batched.params[i], single.params, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["unroll", "forward", "truncate3", "drmad", "greedy", "implicit_cg"])
+@pytest.mark.parametrize("name", ["unroll", "forward", "truncate3", "drmad", "greedy", "implicit_cg", "distill"])
 def test_vmap_equals_loop_with_prepare(name):
     hg = TRANSFORMS[name](*_anil(True, True, name in CONSTANT_LR))
     tasks = [_anil_data(True, seed=s) for s in range(3)]
