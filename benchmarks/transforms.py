@@ -40,9 +40,14 @@ def _frozen(base):
     return lambda h, batch: base.loop.prepare(base.hparams, batch)
 
 
-def transforms(steps: int):
-    every = max(1, round(steps**0.5))
-    return {
+def plain_sgd_problem(steps: int) -> hf.tasks.MetaProblem:
+    """The ANIL problem with plain SGD inside (HPO-SGLD's sampler has no momentum)."""
+    return hf.tasks.anil_sinusoid(steps=steps, momentum=0.0)
+
+
+def transforms(steps: int, only=None):
+    every, burn_in = max(1, round(steps**0.5)), steps // 2
+    table = {
         "unroll": (hf.unroll, hf.tasks.anil_sinusoid),
         f"unroll(checkpoint_every={every})": (
             lambda loop, outer: hf.unroll(loop, outer, checkpoint_every=every),
@@ -55,8 +60,15 @@ def transforms(steps: int):
         "greedy_accumulate(0.9)": (hf.greedy_accumulate(0.9), hf.tasks.anil_sinusoid),
         "implicit('neumann', 10)": (hf.implicit("neumann", iters=10), hf.tasks.anil_sinusoid),
         "implicit('cg', 10)": (hf.implicit("cg", iters=10), hf.tasks.anil_sinusoid),
+        "distill(0.99, theta=1)": (hf.distill(0.99, theta=1.0), hf.tasks.anil_sinusoid),
+        "distill(0.99) + LinearEstimation": (hf.distill(0.99), hf.tasks.anil_sinusoid),
+        f"langevin({burn_in}, {steps - burn_in}, 1e-5) [plain SGD]": (
+            hf.langevin(burn_in, steps - burn_in, tau=1e-5, seed=0),
+            plain_sgd_problem,
+        ),
         "forward (lr, wd)": (hf.forward, lr_wd_problem),
     }
+    return {k: v for k, v in table.items() if not only or any(o in k for o in only)}
 
 
 def task_args(problem, n_tasks=None, seed=0):
@@ -68,10 +80,10 @@ def task_args(problem, n_tasks=None, seed=0):
     return problem.hparams, params0, inner, outer
 
 
-def single_task_table(step_counts, reps):
+def single_task_table(step_counts, reps, only=None):
     rows = []
     for steps in step_counts:
-        for name, (transform, make) in transforms(steps).items():
+        for name, (transform, make) in transforms(steps, only).items():
             problem = make(steps)
             args = task_args(problem)
             hg = transform(problem.loop, problem.outer_loss)
@@ -90,14 +102,14 @@ def single_task_table(step_counts, reps):
     return rows
 
 
-def meta_batch_table(steps, n_tasks, reps):
+def meta_batch_table(steps, n_tasks, reps, only=None):
     rows = []
-    problem = hf.tasks.anil_sinusoid(steps=steps)
-    args = task_args(problem, n_tasks)
-    batched_floor = torch.func.vmap(problem.loop.run, in_dims=(None, 0, 0))
-    for name, (transform, make) in transforms(steps).items():
-        if make is not hf.tasks.anil_sinusoid:
+    for name, (transform, make) in transforms(steps, only).items():
+        if make is lr_wd_problem:
             continue
+        problem = make(steps)
+        args = task_args(problem, n_tasks)
+        batched_floor = torch.func.vmap(problem.loop.run, in_dims=(None, 0, 0))
         hg = transform(problem.loop, problem.outer_loss)
         vmapped = torch.func.vmap(hg, in_dims=(None, 0, 0, 0))
         split = [torch.utils._pytree.tree_map(lambda x, i=i: x[i], a) for i in range(n_tasks) for a in [args[1:]]]
@@ -127,11 +139,12 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="*", help="run only the transforms whose name contains one of these")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    single = single_task_table(args.steps, args.reps)
-    batch = meta_batch_table(100, args.tasks, args.reps)
+    single = single_task_table(args.steps, args.reps, args.only)
+    batch = meta_batch_table(100, args.tasks, args.reps, args.only)
     print(f"\n## One task (torch {torch.__version__}, {args.threads} thread(s), median of {args.reps})\n")
     print(markdown(single, ["transform", "T", "seconds", "floor (s)", "x floor", "peak memory (KiB)"]))
     print(f"\n## Meta-batch of {args.tasks} tasks, T = 100\n")
