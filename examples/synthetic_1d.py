@@ -48,21 +48,22 @@ def outer(p, h, _):
     return (h["lam"] - th) ** 2 + (th - 0.5) ** 2
 
 
-def transforms(steps: int) -> dict:
+def transforms() -> dict:
+    """name -> make(steps, tau) -> transform."""
     return {
-        "HPO-SGLD": lambda tau: hf.langevin(steps // 2, steps - steps // 2, tau=tau, seed=0),
-        "IFT-Neumann": lambda tau: hf.implicit("neumann", iters=10, alpha=0.5),
-        "IFT-CG": lambda tau: hf.implicit("cg", iters=10),
-        "RMD": lambda tau: hf.unroll,
-        "RMD-FO": lambda tau: hf.first_order,
-        "FMD": lambda tau: hf.forward,
+        "HPO-SGLD": lambda steps, tau: hf.langevin(steps // 2, steps - steps // 2, tau=tau, seed=0),
+        "IFT-Neumann": lambda steps, tau: hf.implicit("neumann", iters=10, alpha=0.5),
+        "IFT-CG": lambda steps, tau: hf.implicit("cg", iters=10),
+        "RMD": lambda steps, tau: hf.unroll,
+        "RMD-FO": lambda steps, tau: hf.first_order,
+        "FMD": lambda steps, tau: hf.forward,
     }
 
 
 def solve(make, steps: int, noisy: bool, args, tau: float = 1e-10, seed: int = 0) -> tuple[float, float]:
     """Outer gradient descent on λ with θ warm-started; returns the final (λ, θ)."""
     loop = hf.InnerLoop(inner, hf.optim.sgd(lr=args.eta), steps=steps)
-    hg = make(tau)(loop, outer)
+    hg = make(steps, tau)(loop, outer)
     gen = torch.Generator().manual_seed(seed)
     lam, theta = torch.tensor(0.3, dtype=DT), torch.tensor(0.5, dtype=DT)
     for _ in range(args.outer_steps):
@@ -75,7 +76,7 @@ def solve(make, steps: int, noisy: bool, args, tau: float = 1e-10, seed: int = 0
 
 def table(noisy: bool, args, out) -> list[dict]:
     jobs = []
-    for name, make in transforms(args.steps).items():
+    for name, make in transforms().items():
         taus = (1e-2, 1e-5, 1e-10) if noisy and name == "HPO-SGLD" else (1e-10,)
         for tau in taus:
             label = f"{name} τ={tau:.0e}".replace("e-0", "e-") if len(taus) > 1 else name
@@ -104,12 +105,12 @@ def table(noisy: bool, args, out) -> list[dict]:
 def sweep(args, out) -> list[dict]:
     """Fig. 2: the error of the learned λ and θ against the number of inner iterations."""
     rows, errors = [], {}
-    for name, make in tqdm(list(transforms(args.steps).items()), desc="Fig. 2 sweep"):
+    for name, make in tqdm(list(transforms().items()), desc="Fig. 2 sweep"):
         for steps in args.sweep:
             lam, theta = solve(make, steps, False, args)
             errors.setdefault(name, []).append((abs(lam - LAMBDA_STAR), abs(theta - THETA_STAR)))
-            rows.append({"method": name, "T": steps, "|λ − λ*|": f"{errors[name][-1][0]:.4f}",
-                         "|θ − θ*|": f"{errors[name][-1][1]:.4f}"})  # fmt: skip
+            rows.append({"method": name, "T": steps, "λ error": f"{errors[name][-1][0]:.4f}",
+                         "θ error": f"{errors[name][-1][1]:.4f}"})  # fmt: skip
     fig, axes = figure(1, 2, figsize=(10, 3.5))
     for name, errs in errors.items():
         for i, ax in enumerate(axes):

@@ -6,6 +6,7 @@ Everything here is generated on the fly: no download, deterministic given a ``to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -58,6 +59,67 @@ def sinusoid_tasks(
     x = 10 * u(n_tasks, shots + val_shots, 1) - 5
     y = amplitude * torch.sin(x - phase)
     return Tasks(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+def few_shot_tasks(
+    dataset: Any,
+    n_way: int,
+    shots: int,
+    queries: int,
+    n_tasks: int,
+    classes: Optional[Sequence[int]] = None,
+    labels: Optional[Sequence[int]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tasks:
+    """N-way K-shot classification tasks drawn from any map-style dataset of ``(image, label)`` pairs.
+
+    Each task picks ``n_way`` distinct classes from ``classes`` (all classes when None; pass
+    disjoint lists for meta-training and meta-testing), then ``shots + queries`` distinct examples
+    of each; labels are renumbered ``0..n_way-1`` in a random order. Images are stacked with
+    ``torch.as_tensor`` (a torchvision dataset needs ``transform=ToTensor()``). ``labels`` (e.g.
+    torchvision's ``dataset.targets``) avoids reading every item once to index the classes.
+
+    Returns:
+        :class:`Tasks` with ``x_train`` of shape ``(n_tasks, n_way * shots, *image)``, ``y_train``
+        ``(n_tasks, n_way * shots)`` (int64), and ``x_val``/``y_val`` with ``n_way * queries``
+        examples: stacked for ``vmap`` over tasks.
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> data = [(torch.full((1, 4, 4), float(c)), c) for c in range(5) for _ in range(6)]
+        >>> tasks = hf.tasks.few_shot_tasks(data, n_way=3, shots=2, queries=3, n_tasks=4)
+        >>> tasks.x_train.shape, tasks.y_val.shape
+        (torch.Size([4, 6, 1, 4, 4]), torch.Size([4, 9]))
+    """
+    for name, value in (("n_way", n_way), ("shots", shots), ("queries", queries), ("n_tasks", n_tasks)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    labels = [int(dataset[i][1]) for i in range(len(dataset))] if labels is None else [int(c) for c in labels]
+    if len(labels) != len(dataset):
+        raise ValueError(f"labels has {len(labels)} entries but the dataset has {len(dataset)} items")
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    pool = sorted(by_class) if classes is None else [int(c) for c in classes]
+    missing = [c for c in pool if len(by_class.get(c, [])) < shots + queries]
+    if len(pool) < n_way or missing:
+        raise ValueError(
+            f"need {n_way} classes with at least shots + queries = {shots + queries} examples each; "
+            f"got {len(pool)} classes, too small: {missing[:10]}"
+        )
+    xs, ys = [], []
+    for _ in range(n_tasks):
+        chosen = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:n_way].tolist()]
+        picks = []
+        for c in chosen:
+            members = by_class[c]
+            picks.append([members[i] for i in torch.randperm(len(members), generator=generator)[: shots + queries]])
+        order = [(way, k) for k in range(shots + queries) for way in range(n_way)]
+        xs.append(torch.stack([torch.as_tensor(dataset[picks[way][k]][0]) for way, k in order]))
+        ys.append(torch.tensor([way for way, _ in order]))
+    x, y = torch.stack(xs), torch.stack(ys)
+    split = n_way * shots
+    return Tasks(x[:, :split], y[:, :split], x[:, split:], y[:, split:])
 
 
 def relu_mlp(params: TensorDictBase, x: torch.Tensor, final_relu: bool = False) -> torch.Tensor:
