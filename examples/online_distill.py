@@ -3,7 +3,7 @@
 The body of a 1-100-100-100-1 ReLU MLP is the hyperparameter λ, the last layer is trained inside
 each task by T = 30 SGD steps (momentum 0.9, lr 0.01). λ is updated by TorchOpt's Adam after
 *every* inner step with the online hypergradient g_t of ``hf.online.distill``, averaged over a
-vmapped meta-batch of 10 tasks; θ is refitted by LinearEstimation (Algorithm 4) every 50 inner
+vmapped meta-batch of 10 tasks (γ = 0.9); θ is refitted by LinearEstimation (Algorithm 4) every 50 inner
 optimizations; the head's initialization φ is meta-learned by Reptile (φ ← φ − (φ − mean w_T)).
 The same loop runs with online one-step lookahead (γ = 0, θ = 1) for comparison.
 
@@ -54,7 +54,7 @@ def train(method: str, gamma: float, args, problem):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=500, help="inner optimizations per method")
-    parser.add_argument("--gamma", type=float, default=0.99)
+    parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--estimate-every", type=int, default=50)
     parser.add_argument("--meta-batch", type=int, default=10)
     parser.add_argument("--reptile-lr", type=float, default=1.0)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import hyperfunc as hf
 
 PAPER = {"FO": "0.567 ± 0.193", "one_step": "0.670 ± 0.283", "drmad": "1.086 ± 0.176",
-         "implicit (Neumann)": "0.502 ± 0.146", "HyperDistill (γ=0.99)": "0.327 ± 0.052"}  # fmt: skip
+         "implicit (Neumann)": "0.502 ± 0.146", "HyperDistill": "0.327 ± 0.052"}  # fmt: skip
 
 
 def methods(steps: int) -> dict:
@@ -37,7 +37,7 @@ def methods(steps: int) -> dict:
         "FO": ("online", hf.online.distill(0.0, theta=0.0)),
         "one_step": ("online", hf.online.one_step),
         "greedy_accumulate(0.9)": ("online", hf.online.greedy_accumulate(0.9)),
-        "HyperDistill (γ=0.99)": ("online", "distill"),
+        "HyperDistill": ("online", "distill"),
         "drmad": ("offline", hf.drmad),
         "implicit (Neumann)": ("offline", hf.implicit("neumann", iters=10)),
         "truncate(10)": ("offline", hf.truncate(10)),
@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--meta-batch", type=int, default=10)
     parser.add_argument("--meta-lr", type=float, default=1e-3)
     parser.add_argument("--reptile-lr", type=float, default=1.0)
-    parser.add_argument("--gamma", type=float, default=0.99)
+    parser.add_argument("--gamma", type=float, default=0.9, help="HyperDistill's γ (0.9 beat 0.99 in hf.compare)")
     parser.add_argument("--test-tasks", type=int, default=1000)
     parser.add_argument("--methods", nargs="*", help="a subset of the method names")
     parser.add_argument("--out", default="results/sinusoid_anil")
@@ -114,7 +114,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.demo:
         args.runs, args.test_tasks = 1, 500
-        args.methods = args.methods or ["FO", "one_step", "HyperDistill (γ=0.99)", "truncate(10)", "unroll"]
+        args.methods = args.methods or ["FO", "one_step", "HyperDistill", "truncate(10)", "unroll"]
     if args.quick:
         args.runs, args.episodes, args.test_tasks, args.meta_batch, args.steps = 1, 2, 20, 2, 6
     torch.manual_seed(0)
@@ -137,9 +137,10 @@ def main(argv=None):
             hparams, head, curve = meta_train(name, kind, factory, problem, args, seed=run)
             scores.append(meta_test(problem, hparams, head, args.test_tasks).mean())
             curves.append(curve)
-        rows.append({"method": name, "meta-test MSE": fmt_ci(scores), "paper (Table 4)": PAPER.get(name, "")})
+        label = f"HyperDistill (γ={args.gamma})" if name == "HyperDistill" else name
+        rows.append({"method": label, "meta-test MSE": fmt_ci(scores), "paper (Table 4)": PAPER.get(name, "")})
         mean_curve = torch.tensor(curves).mean(0)
-        ax.plot(range(1, len(mean_curve) + 1), mean_curve, label=name)
+        ax.plot(range(1, len(mean_curve) + 1), mean_curve, label=label)
     ax.set(xlabel="inner optimization", ylabel="meta-validation MSE (mean over runs)", yscale="log")
     ax.legend(fontsize=7)
     save(fig, out, "sinusoid_anil")
