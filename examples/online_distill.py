@@ -3,9 +3,10 @@
 The body of a 1-100-100-100-1 ReLU MLP is the hyperparameter λ, the last layer is trained inside
 each task by T = 30 SGD steps (momentum 0.9, lr 0.01). λ is updated by TorchOpt's Adam after
 *every* inner step with the online hypergradient g_t of ``hf.online.distill``, averaged over a
-vmapped meta-batch of 10 tasks (γ = 0.9); θ is refitted by LinearEstimation (Algorithm 4) every 50 inner
-optimizations; the head's initialization φ is meta-learned by Reptile (φ ← φ − (φ − mean w_T)).
-The same loop runs with online one-step lookahead (γ = 0, θ = 1) for comparison.
+vmapped meta-batch of 10 tasks (γ = 0.9); θ is refitted by LinearEstimation (Algorithm 4) every 50
+inner optimizations; the head's initialization φ is meta-learned by Reptile (φ ← φ − (φ − mean w_T)).
+The same loop runs with online one-step lookahead for comparison. The training loop itself is
+``meta_train`` in ``sinusoid_anil.py``.
 
     python examples/online_distill.py            # 500 inner optimizations per method
     python examples/online_distill.py --quick    # seconds
@@ -16,39 +17,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torchopt
 from _common import figure, fmt_ci, results_dir, save, write_table
-from sinusoid_anil import meta_test
-from tqdm import tqdm
+from sinusoid_anil import meta_test, meta_train
 
 import hyperfunc as hf
-
-
-def train(method: str, gamma: float, args, problem):
-    """Algorithm 3: online updates of λ at every inner step, θ refitted every ``estimate_every`` episodes."""
-    gen = torch.Generator().manual_seed(args.seed)
-    hparams, head = problem.hparams, problem.params0
-    meta = torchopt.adam(1e-3)
-    meta_state = meta.init(hparams)
-    fit = torch.func.vmap(hf.linear_estimation(gamma)(problem.loop, problem.outer_loss), in_dims=(None, 0, 0, 0))
-    theta, thetas, losses = 1.0, [], []
-    for episode in (bar := tqdm(range(args.episodes), desc=method)):
-        tasks = hf.tasks.sinusoid_tasks(args.meta_batch, generator=gen)
-        heads = head.expand(args.meta_batch).clone()
-        if gamma > 0 and episode % args.estimate_every == 0:
-            theta = fit(hparams, heads, tasks.inner_batches, tasks.outer_batch).theta.mean()
-            thetas.append((episode, float(theta)))
-        online = hf.online.distill(gamma, theta=theta)(problem.loop, problem.outer_loss)
-        step = torch.func.vmap(online.step, in_dims=(0, None, 0, 0, None))
-        state = torch.func.vmap(online.init, in_dims=(None, 0))(hparams, heads)
-        for t in range(problem.loop.steps):
-            res, state = step(state, hparams, tasks.inner_batches, tasks.outer_batch, t)
-            updates, meta_state = meta.update(res.grads.mean(0), meta_state, params=hparams)
-            hparams = torchopt.apply_updates(hparams, updates, inplace=False)
-        head = head - args.reptile_lr * (head - state.inner["params"].mean(0))
-        losses.append(float(res.loss.mean()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", theta=f"{float(theta):.3f}")
-    return hparams, head, losses, thetas
 
 
 def main():
@@ -57,6 +29,7 @@ def main():
     parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--estimate-every", type=int, default=50)
     parser.add_argument("--meta-batch", type=int, default=10)
+    parser.add_argument("--meta-lr", type=float, default=1e-3)
     parser.add_argument("--reptile-lr", type=float, default=1.0)
     parser.add_argument("--test-tasks", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -71,8 +44,9 @@ def main():
     before = meta_test(problem, problem.hparams, problem.params0, args.test_tasks)
     rows = [{"method": "no meta-training", "meta-test MSE (95% CI)": fmt_ci(before), "last θ": ""}]
     fig, (ax, ax_theta) = figure(1, 2, figsize=(10, 3.5))
-    for method, gamma in (("online one-step (γ=0, θ=1)", 0.0), (f"HyperDistill (γ={args.gamma})", args.gamma)):
-        hparams, head, losses, thetas = train(method, gamma, args, problem)
+    methods = (("online one-step (γ=0, θ=1)", hf.online.one_step), (f"HyperDistill (γ={args.gamma})", "distill"))
+    for method, factory in methods:
+        hparams, head, losses, thetas = meta_train(method, "online", factory, problem, args, args.seed)
         mse = meta_test(problem, hparams, head, args.test_tasks)
         last = f"{thetas[-1][1]:.3f}" if thetas else "1 (fixed)"
         rows.append({"method": method, "meta-test MSE (95% CI)": fmt_ci(mse), "last θ": last})

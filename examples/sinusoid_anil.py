@@ -55,11 +55,12 @@ def meta_test(problem, hparams, head, n_tasks: int, seed: int = 10_000) -> torch
 
 
 def meta_train(name: str, kind: str, factory, problem, args, seed: int):
-    """One meta-training run; returns the body, the Reptile head and the meta-validation curve."""
+    """One meta-training run; returns the body, the Reptile head, the meta-validation curve and the
+    ``(episode, θ)`` fits of HyperDistill."""
     gen = torch.Generator().manual_seed(seed)
     hparams, head = problem.hparams, problem.params0
     meta = torchopt.adam(args.meta_lr)
-    meta_state, curve, theta = meta.init(hparams), [], 1.0
+    meta_state, curve, theta, thetas = meta.init(hparams), [], 1.0, []
 
     def update(grads):
         nonlocal hparams, meta_state
@@ -78,10 +79,11 @@ def meta_train(name: str, kind: str, factory, problem, args, seed: int):
             update(res.grads)
             final = res.params
         else:
-            if factory == "distill":  # Algorithm 3: θ refitted by Algorithm 4 every 50 inner optimizations
-                if episode % 50 == 0:
+            if factory == "distill":  # Algorithm 3: θ refitted by Algorithm 4 every N inner optimizations
+                if episode % args.estimate_every == 0:
                     fit = hf.linear_estimation(args.gamma)(problem.loop, problem.outer_loss)
                     theta = torch.func.vmap(fit, in_dims=(None, 0, 0, 0))(hparams, heads, *batch_args).theta.mean()
+                    thetas.append((episode, float(theta)))
                 online = hf.online.distill(args.gamma, theta=theta)(problem.loop, problem.outer_loss)
             else:
                 online = factory(problem.loop, problem.outer_loss)
@@ -94,7 +96,7 @@ def meta_train(name: str, kind: str, factory, problem, args, seed: int):
         head = head - args.reptile_lr * (head - final.mean(0))
         curve.append(float(res.loss.mean()))
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
-    return hparams, head, curve
+    return hparams, head, curve, thetas
 
 
 def main(argv=None):
@@ -106,6 +108,7 @@ def main(argv=None):
     parser.add_argument("--meta-lr", type=float, default=1e-3)
     parser.add_argument("--reptile-lr", type=float, default=1.0)
     parser.add_argument("--gamma", type=float, default=0.9, help="HyperDistill's γ (0.9 beat 0.99 in hf.compare)")
+    parser.add_argument("--estimate-every", type=int, default=50, help="refit HyperDistill's θ every N episodes")
     parser.add_argument("--test-tasks", type=int, default=1000)
     parser.add_argument("--methods", nargs="*", help="a subset of the method names")
     parser.add_argument("--out", default="results/sinusoid_anil")
@@ -134,7 +137,7 @@ def main(argv=None):
         problem = hf.tasks.anil_sinusoid(steps=args.steps, momentum=0.0 if "langevin" in name else 0.9)
         scores, curves = [], []
         for run in range(args.runs):
-            hparams, head, curve = meta_train(name, kind, factory, problem, args, seed=run)
+            hparams, head, curve, _ = meta_train(name, kind, factory, problem, args, seed=run)
             scores.append(meta_test(problem, hparams, head, args.test_tasks).mean())
             curves.append(curve)
         label = f"HyperDistill (γ={args.gamma})" if name == "HyperDistill" else name

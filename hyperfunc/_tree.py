@@ -69,6 +69,12 @@ def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(operator.add, (torch.sum(x * y) for x, y in zip(xs, ys)))
 
 
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` where ``b > 0`` and 0 elsewhere, with no NaN in the value or the gradient."""
+    positive = b > 0
+    return torch.where(positive, a / torch.where(positive, b, torch.ones_like(b)), torch.zeros_like(b))
+
+
 def add(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> Leaves:
     return tuple(x + y for x, y in zip(xs, ys))
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from tensordict import TensorDictBase
 
-from ._tree import check_same_keys, check_tensordict, dot, keys_of, leaves_of
+from ._tree import check_same_keys, check_tensordict, dot, keys_of, leaves_of, safe_divide
 from .loop import InnerLoop, Loss
 from .transforms import Transform, unroll
 
@@ -54,9 +54,7 @@ def agreement(grads: TensorDictBase, reference: TensorDictBase) -> Agreement:
     check_same_keys(grads, keys, "grads", "reference")
     g, r = leaves_of(grads, keys), leaves_of(reference, keys)
     gg, rr = dot(g, g), dot(r, r)
-    denominator = (gg * rr).sqrt()
-    cosine = torch.where(denominator > 0, dot(g, r) / torch.where(denominator > 0, denominator, 1.0), 0.0)
-    return Agreement(cosine, (gg / rr).sqrt(), grads, reference)
+    return Agreement(safe_divide(dot(g, r), (gg * rr).sqrt()), (gg / rr).sqrt(), grads, reference)
 
 
 def compare(transform: Transform, reference: Transform = unroll) -> Callable[[InnerLoop, Loss], Callable]:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from tensordict import TensorDictBase
 
-from ._tree import Leaves, add, axpy, build, dot, keys_of, leaves_of, scale
+from ._tree import Leaves, add, axpy, build, dot, keys_of, leaves_of, safe_divide, scale
 
 
 class Solution(NamedTuple):
@@ -86,11 +86,11 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
     for _ in range(iters):
         Ap = damped(p)
         pAp = dot(p, Ap)
-        step = torch.where(pAp > 0, rr / torch.where(pAp > 0, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
+        step = safe_divide(rr, pAp)
         x = axpy(step, p, x)
         r = axpy(-step, Ap, r)
         rr_new = dot(r, r)
-        beta = torch.where(rr > 0, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), torch.zeros_like(rr))
+        beta = safe_divide(rr_new, rr)
         p = axpy(beta, p, r)
         rr = rr_new
     return Solution(back(x), _residual(damped, b_flat, x))

@@ -38,7 +38,6 @@ from .transforms.distill import (
     check_theta,
     distilled_vjp,
     horizon,
-    in_hparams,
     keep_count,
     merge,
 )
@@ -109,13 +108,13 @@ def _accumulating(loop: InnerLoop, outer_loss: Loss, gamma: float) -> Online:
 
     def init(hparams, params0) -> OnlineState:
         inner = _start(loop, hparams, params0)
-        return OnlineState(inner, tuple(torch.zeros_like(x) for x in leaves_of(hparams, keys_of(hparams))))
+        return OnlineState(inner, zeros_like(leaves_of(hparams, keys_of(hparams))))
 
     def step(state, hparams, batch, outer_batch, t):
         b = _Step.bind(loop, outer_loss, state, hparams, batch, outer_batch, t)
         acc = (tuple(x.detach() for x in state.extra), zeros_like(b.prep.d), zeros_like(b.s))
         s, (acc_h, acc_d, _), loss, direct = greedy_step(b.problem, b.prep, b.s, b.t, acc, gamma)
-        acc_h = in_hparams(b.prep, acc_h, acc_d)
+        acc_h = b.prep.to_hparams(acc_h, acc_d)
         return b.problem.result(add(direct, acc_h), loss, s), b.state(s, acc_h)
 
     return Online(init, step)
@@ -247,7 +246,7 @@ def distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLoop, Los
             alpha, direct = outer_vjp(torch.ones_like(loss))
             star = Problem.bind(b.problem.loop, outer_loss, hparams, state.inner.get("params"), D_star, outer_batch)
             star_prep = star.prepared()
-            v = in_hparams(star_prep, *distilled_vjp(star, star_prep, Distilled(s_star, None), b.t, alpha))
+            v = star_prep.to_hparams(*distilled_vjp(star, star_prep, Distilled(s_star, None), b.t, alpha))
             grads = add(direct, scale(theta * horizon(gamma, b.t + 1), v))
             return b.problem.result(grads, loss, s), b.state(s, (s_star, D_star))
 

@@ -133,8 +133,7 @@ class Problem:
         """Add the terms through ``w_0(λ)`` (cotangent ``ct_s0`` on ``s_0``) and through ``prepare``."""
         if init_vjp is not None and ct_s0 is not None:
             ct_h = add(ct_h, init_vjp(ct_s0)[0])
-        pulled = prep.pull(ct_d)
-        return ct_h if pulled is None else add(ct_h, pulled)
+        return prep.to_hparams(ct_h, ct_d)
 
     # -- prepared batches ----------------------------------------------------------------------
     def prepared(self) -> Prepared:
@@ -177,6 +176,6 @@ class Prepared(NamedTuple):
     rebuild: Callable[[Leaves], Any]
     vjp: Optional[Callable]
 
-    def pull(self, ct_d: Leaves) -> Optional[Leaves]:
-        """Cotangent on ``h`` from the accumulated cotangent on ``d`` (None without ``prepare``)."""
-        return None if self.vjp is None else self.vjp(ct_d)[0]
+    def to_hparams(self, ct_h: Leaves, ct_d: Leaves) -> Leaves:
+        """A cotangent on ``(h, d)`` as one on ``h``: ``ct_h`` plus ``ct_d`` pulled back through ``prepare``."""
+        return ct_h if self.vjp is None else add(ct_h, self.vjp(ct_d)[0])

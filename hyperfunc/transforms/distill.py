@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.utils._pytree as pytree
 
-from .._tree import Leaves, add, dot, scale, tensor_leaves, tree_index
+from .._tree import Leaves, add, dot, safe_divide, scale, tensor_leaves, tree_index
 from ..loop import InnerLoop, Loss
 from ..optim._noise import bits
 from ._problem import HyperGrad, Prepared, Problem, check_transform_args
@@ -97,12 +97,6 @@ def distilled_vjp(problem: Problem, prep: Prepared, dist: Distilled, t: int, alp
     return torch.func.vjp(phi, problem.h, prep.d)[1](alpha)
 
 
-def in_hparams(prep: Prepared, ct_h: Leaves, ct_d: Leaves) -> Leaves:
-    """A cotangent on ``(h, prepared batches)`` as one vector in hyperparameter space."""
-    pulled = prep.pull(ct_d)
-    return ct_h if pulled is None else add(ct_h, pulled)
-
-
 class Estimate(NamedTuple):
     r"""LinearEstimation's fit: ``theta = x'y / x'x`` and its samples ``x_s``, ``y_s`` for ``s = 1..T``."""
 
@@ -121,16 +115,15 @@ def estimate(problem: Problem, prep: Prepared, gamma: float, seed: int) -> Estim
     def on_step(t: int, s_hat: Leaves, second_h: Leaves, second_d: Leaves, alpha_T: Leaves) -> None:
         s = steps - t + 1
         dist[0] = advance(problem, dist[0], s_hat, t - 1, horizon(gamma, s - 1) / horizon(gamma, s), seed, 1)
-        v = in_hparams(prep, *distilled_vjp(problem, prep, dist[0], t - 1, alpha_T))
-        g_so = in_hparams(prep, second_h, second_d)
+        v = prep.to_hparams(*distilled_vjp(problem, prep, dist[0], t - 1, alpha_T))
+        g_so = prep.to_hparams(second_h, second_d)
         norm = dot(v, v).sqrt()
         xs.append(norm * horizon(gamma, s))
-        ys.append(torch.where(norm > 0, dot(v, g_so) / torch.where(norm > 0, norm, 1.0), 0.0))
+        ys.append(safe_divide(dot(v, g_so), norm))
 
     drmad_pass(problem, prep, s0, sT, on_step)
     x, y = torch.stack(xs), torch.stack(ys)
-    xx = dot((x,), (x,))
-    return Estimate(torch.where(xx > 0, dot((x,), (y,)) / torch.where(xx > 0, xx, 1.0), 0.0), x, y)
+    return Estimate(safe_divide(dot((x,), (y,)), dot((x,), (x,))), x, y)
 
 
 def check_seed(seed: Any) -> int:
