@@ -18,7 +18,7 @@ import argparse
 
 import torch
 from _common import figure, fmt_ci, results_dir, save, write_table
-from sinusoid_anil import meta_test, meta_train
+from sinusoid_anil import INNER_LR, meta_test, meta_train
 
 import hyperfunc as hf
 
@@ -40,16 +40,25 @@ def main():
         args.episodes, args.estimate_every, args.test_tasks, args.meta_batch = 4, 2, 20, 3
     torch.manual_seed(args.seed)
     out = results_dir(args.out)
-    problem = hf.tasks.anil_sinusoid(steps=30)
-    before = meta_test(problem, problem.hparams, problem.params0, args.test_tasks)
-    rows = [{"method": "no meta-training", "meta-test MSE (95% CI)": fmt_ci(before), "last θ": ""}]
+    problem = hf.tasks.anil_sinusoid(steps=30, lr=INNER_LR, momentum=0.9)
+    before, sharp = meta_test(problem, problem.hparams, problem.params0, args.test_tasks, momentum=0.9)
+    rows = [
+        {
+            "method": "no meta-training",
+            "meta-test MSE (95% CI)": fmt_ci(before),
+            "last θ": "",
+            "sharpness": f"{sharp.max():.2f}",
+        }
+    ]
     fig, (ax, ax_theta) = figure(1, 2, figsize=(10, 3.5))
     methods = (("online one-step (γ=0, θ=1)", hf.online.one_step), (f"HyperDistill (γ={args.gamma})", "distill"))
     for method, factory in methods:
         hparams, head, losses, thetas = meta_train(method, "online", factory, problem, args, args.seed)
-        mse = meta_test(problem, hparams, head, args.test_tasks)
+        mse, sharp = meta_test(problem, hparams, head, args.test_tasks, momentum=0.9)
         last = f"{thetas[-1][1]:.3f}" if thetas else "1 (fixed)"
-        rows.append({"method": method, "meta-test MSE (95% CI)": fmt_ci(mse), "last θ": last})
+        rows.append(
+            {"method": method, "meta-test MSE (95% CI)": fmt_ci(mse), "last θ": last, "sharpness": f"{sharp.max():.2f}"}
+        )
         ax.plot(losses, label=method)
         if thetas:
             ax_theta.plot(*zip(*thetas), marker="o", label=method)
@@ -57,7 +66,13 @@ def main():
     ax_theta.set(xlabel="inner optimization", ylabel="fitted θ (Algorithm 4)")
     ax.legend()
     save(fig, out, "online_distill")
-    write_table(out, "online_distill", rows, f"Online ANIL sinusoid meta-training, {args.episodes} inner optimizations")
+    write_table(
+        out,
+        "online_distill",
+        rows,
+        f"Online ANIL sinusoid meta-training, {args.episodes} inner optimizations "
+        "(sharpness: max over test tasks of μλ/(2(1+β)), see sinusoid_anil.meta_test)",
+    )
 
 
 if __name__ == "__main__":
