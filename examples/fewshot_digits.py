@@ -8,13 +8,14 @@ backbone with the hypergradient averaged over a vmapped meta-batch of 10 tasks. 
 ``hf.tasks.few_shot_tasks``, which takes any map-style dataset of (image, label) pairs, so the same
 script runs on torchvision's Omniglot or CIFAR-FS on disk (``--dataset path``, optional).
 
-    python examples/fewshot_digits.py           # 5 runs of 300 meta-iterations per method
+    python examples/fewshot_digits.py           # 3 runs of 200 meta-iterations per method
     python examples/fewshot_digits.py --quick   # seconds (tests)
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torchopt
@@ -81,7 +82,7 @@ def methods() -> dict:
         "one_step": hf.one_step,
         "implicit('cg', 10)": hf.implicit("cg", iters=10),
         "greedy_accumulate(0.99)": hf.greedy_accumulate(0.99),
-        "distill(0.99)": hf.distill(0.99),
+        "distill": "distill",  # θ refitted by hf.linear_estimation every --estimate-every iterations
     }
 
 
@@ -96,14 +97,27 @@ def seeded(run: int) -> torch.Generator:
     return torch.Generator().manual_seed(run)
 
 
-def meta_train(hg, hparams, head0, data, labels, classes, args, gen, desc):
-    """``args.iterations`` Adam (1e-3) steps on the backbone with the meta-batch mean hypergradient."""
+def vmapped(transform, loop, outer):
+    return torch.func.vmap(transform(loop, outer), in_dims=(None, 0, 0, 0))
+
+
+def meta_train(transform, loop, outer, hparams, head0, sample, args, desc):
+    """``args.iterations`` Adam (1e-3) steps on the backbone with the hypergradient averaged over the
+    meta-batch ``sample()`` returns.
+
+    ``transform == "distill"`` is HyperDistill with θ refitted by Algorithm 4 (``hf.linear_estimation``)
+    on the current meta-batch every ``args.estimate_every`` iterations, as in the paper's Algorithm 3.
+    """
     meta = torchopt.adam(1e-3)
-    state, curve = meta.init(hparams), []
-    for _ in tqdm(range(args.iterations), desc=desc, leave=False):
-        tasks = hf.tasks.few_shot_tasks(data, args.n_way, args.shots, args.queries, args.meta_batch, classes, labels,
-                                        generator=gen)  # fmt: skip
-        res = hg(hparams, head0.expand(args.meta_batch).clone(), tasks.inner_batches, tasks.outer_batch)
+    state, curve, hg = meta.init(hparams), [], None if transform == "distill" else vmapped(transform, loop, outer)
+    for it in tqdm(range(args.iterations), desc=desc, leave=False):
+        tasks = sample()
+        heads = head0.expand(args.meta_batch).clone()
+        if transform == "distill" and it % args.estimate_every == 0:
+            fit = vmapped(hf.linear_estimation(args.gamma), loop, outer)
+            theta = fit(hparams, heads, tasks.inner_batches, tasks.outer_batch).theta.mean()
+            hg = vmapped(hf.distill(args.gamma, theta=float(theta)), loop, outer)
+        res = hg(hparams, heads, tasks.inner_batches, tasks.outer_batch)
         updates, state = meta.update(res.grads.mean(0), state, params=hparams)
         hparams = torchopt.apply_updates(hparams, updates, inplace=False)
         curve.append(float(res.loss.mean()))
@@ -112,7 +126,7 @@ def meta_train(hg, hparams, head0, data, labels, classes, args, gen, desc):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=200, help="meta-iterations per run (the thesis: 200)")
     parser.add_argument("--n-way", type=int, default=4)
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--queries", type=int, default=10)
@@ -120,7 +134,9 @@ def main(argv=None):
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--meta-batch", type=int, default=10)
     parser.add_argument("--test-tasks", type=int, default=500)
-    parser.add_argument("--runs", type=int, default=5, help="meta-training runs (seeds 0..runs-1)")
+    parser.add_argument("--gamma", type=float, default=0.99, help="HyperDistill's γ")
+    parser.add_argument("--estimate-every", type=int, default=50, help="refit HyperDistill's θ every N iterations")
+    parser.add_argument("--runs", type=int, default=3, help="meta-training runs (seeds 0..runs-1)")
     parser.add_argument("--methods", nargs="*")
     parser.add_argument("--out", default="results/fewshot_digits")
     parser.add_argument("--quick", action="store_true", help="tiny run for the tests")
@@ -145,18 +161,20 @@ def main(argv=None):
     for name, transform in methods().items():
         if args.methods and name not in args.methods:
             continue
-        hg = torch.func.vmap(transform(loop, outer), in_dims=(None, 0, 0, 0))
-        scores, curves = [], []
+        label, scores, curves = f"HyperDistill (γ={args.gamma})" if name == "distill" else name, [], []
         for run in range(args.runs):
-            hparams, curve = meta_train(hg, backbone(args.channels, seeded(run)), head0, data, labels, train_classes,
-                                        args, seeded(run), desc=f"{name} (run {run})")  # fmt: skip
+            gen = seeded(run)
+            sample = partial(hf.tasks.few_shot_tasks, data, args.n_way, args.shots, args.queries, args.meta_batch,
+                             train_classes, labels, generator=gen)  # fmt: skip
+            init = backbone(args.channels, seeded(run))
+            hparams, curve = meta_train(transform, loop, outer, init, head0, sample, args, f"{label} (run {run})")
             scores.append(accuracy(loop, head, hparams, head0, test_tasks).mean())
             curves.append(curve)
         rows.append(
-            {"method": name, "meta-test acc. (%)": fmt_ci(scores), "thesis (CIFAR-100, 4-way)": THESIS.get(name, "")}
+            {"method": label, "meta-test acc. (%)": fmt_ci(scores), "thesis (CIFAR-100, 4-way)": THESIS.get(name, "")}
         )
         curve = torch.tensor(curves).mean(0)
-        ax.plot(curve.cumsum(0) / torch.arange(1, len(curve) + 1), label=name)
+        ax.plot(curve.cumsum(0) / torch.arange(1, len(curve) + 1), label=label)
     ax.set(xlabel="meta-iteration", ylabel="meta-train query loss (running mean over iterations and runs)")
     ax.legend(fontsize=7)
     save(fig, out, "fewshot_digits")

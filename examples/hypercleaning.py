@@ -39,9 +39,13 @@ def digits_data(seed: int, n_train: int = 1000, n_val: int = 300):
     perm = torch.randperm(len(y), generator=g)
     x = torch.as_tensor(x, dtype=torch.float32)[perm] / 16.0
     y = torch.as_tensor(y)[perm]
-    train, val, test = (x[:n_train], y[:n_train]), (x[n_train : n_train + n_val], y[n_train : n_train + n_val]), (
-        x[n_train + n_val :],
-        y[n_train + n_val :],
+    train, val, test = (
+        (x[:n_train], y[:n_train]),
+        (x[n_train : n_train + n_val], y[n_train : n_train + n_val]),
+        (
+            x[n_train + n_val :],
+            y[n_train + n_val :],
+        ),
     )
     corrupted = torch.zeros(n_train, dtype=torch.bool)
     corrupted[torch.randperm(n_train, generator=g)[: n_train // 2]] = True

@@ -96,7 +96,7 @@ def trajectory(K: int, tilde: bool, args) -> list[torch.Tensor]:
 def trajectories(args, out) -> list[dict]:
     rows = []
     fig, axes = figure(1, 2, figsize=(10, 4.5))
-    grid = torch.linspace(-2.5, 2.5, 101, dtype=DT)
+    grid = torch.linspace(-3.5, 3.5, 141, dtype=DT)
     L1, L2 = torch.meshgrid(grid, grid, indexing="xy")
     for ax, tilde in zip(axes, (False, True)):
         values = torch.tensor([[_objective(torch.stack([a, b]), args.steps, tilde) for a in grid] for b in grid])

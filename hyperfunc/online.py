@@ -113,7 +113,7 @@ def _accumulating(loop: InnerLoop, outer_loss: Loss, gamma: float) -> Online:
     def step(state, hparams, batch, outer_batch, t):
         b = _Step.bind(loop, outer_loss, state, hparams, batch, outer_batch, t)
         acc = (tuple(x.detach() for x in state.extra), zeros_like(b.prep.d), zeros_like(b.s))
-        s, (acc_h, acc_d, _), loss, direct = greedy_step(b.problem, b.prep, b.s, b.t, acc, gamma)
+        s, (acc_h, acc_d, _), loss, direct = greedy_step(b.problem, b.prep, b.s, b.t, acc, gamma, True)
         acc_h = b.prep.to_hparams(acc_h, acc_d)
         return b.problem.result(add(direct, acc_h), loss, s), b.state(s, acc_h)
 

@@ -159,14 +159,18 @@ def test_distill_with_per_step_batches_keeps_examples_of_earlier_steps():
     """With γ = 1 the distilled batch mixes examples of earlier steps, so it differs from γ = 0's D_T."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(T, 8, 2, generator=g, dtype=DT), torch.randn(T, 8, generator=g, dtype=DT)
-    loop = hf.InnerLoop(lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean() + h["l2"] * (p["w"] ** 2).sum(),
-                        hf.optim.sgd(lr=0.1), steps=T)
+    loop = hf.InnerLoop(
+        lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean() + h["l2"] * (p["w"] ** 2).sum(),
+        hf.optim.sgd(lr=0.1),
+        steps=T,
+    )
     outer = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean()
     args = (td(l2=torch.tensor(0.1, dtype=DT)), td(w=torch.ones(2, dtype=DT)), (x, y), (x[0], y[0]))
     # a loss that only reads step-0 examples' rows: D*_T at γ = 1 still holds some of them
     marked = (x, torch.zeros_like(y).index_fill(0, torch.tensor([0]), 1.0))
-    probe = hf.InnerLoop(lambda p, h, b: h["l2"] * (b[1].sum() + 0 * p["w"].sum()) * (p["w"] ** 2).sum(),
-                         hf.optim.sgd(lr=0.1), steps=T)
+    probe = hf.InnerLoop(
+        lambda p, h, b: h["l2"] * (b[1].sum() + 0 * p["w"].sum()) * (p["w"] ** 2).sum(), hf.optim.sgd(lr=0.1), steps=T
+    )
     early = hf.distill(1.0, theta=1.0)(probe, outer)(args[0], args[1], marked, args[3]).grads["l2"]
     last = hf.distill(0.0, theta=1.0)(probe, outer)(args[0], args[1], marked, args[3]).grads["l2"]
     assert last == 0 and early != 0

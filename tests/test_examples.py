@@ -17,7 +17,7 @@ CASES = {
     "synthetic_1d": (["table2_clean", "table3_noisy", "fig2_inner_iterations"], ["HPO-SGLD", "IFT-CG", "RMD"]),
     "shaban_toy": (["truncation_error", "trajectories"], []),
     "hypercleaning": (["hypercleaning"], ["truncate(1)", "truncate(5)", "distill(0.9)"]),
-    "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "distill(0.99)"]),
+    "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "HyperDistill (γ=0.99)"]),
 }
 
 

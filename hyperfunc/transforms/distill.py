@@ -246,4 +246,3 @@ def distill(gamma: float, theta: Any = None, seed: int = 0) -> Transform:
         return hg
 
     return transform
-

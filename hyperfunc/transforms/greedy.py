@@ -21,17 +21,23 @@ def check_gamma(gamma: Any, name: str = "gamma") -> float:
     return float(gamma)
 
 
-def greedy_step(problem: Problem, prep: Prepared, s: Leaves, t: int, acc: tuple, gamma: float):
+def greedy_step(problem: Problem, prep: Prepared, s: Leaves, t: int, acc: tuple, gamma: float, with_direct: bool):
     r"""One inner step ``s_{t+1} = Φ(s_t)`` and the accumulation ``h ← γ h + α_{t+1} B_{t+1}``.
 
     ``acc = (h, d, s0)``: the accumulated cotangents on the hyperparameters, on the prepared
     batches, and on a learned ``s_0`` (each decays by γ like ``h``). Returns the new state, the
-    new accumulators, the outer loss at the new params and its direct gradient in λ.
+    new accumulators, the outer loss at the new params and, when ``with_direct``, its direct
+    gradient in λ (else ``None``: the outer VJP then skips the backward through λ, e.g. through
+    an ANIL body that only the last step needs).
     """
     h = problem.h
     s_new, vjp_fn = problem.step_vjp(prep, s, h, t, t + 1)
-    loss, outer_vjp = torch.func.vjp(problem.outer, s_new, h)
-    alpha, direct = outer_vjp(torch.ones_like(loss))
+    if with_direct:
+        loss, outer_vjp = torch.func.vjp(problem.outer, s_new, h)
+        alpha, direct = outer_vjp(torch.ones_like(loss))
+    else:
+        loss, outer_vjp = torch.func.vjp(lambda s_: problem.outer(s_, h), s_new)
+        (alpha,), direct = outer_vjp(torch.ones_like(loss)), None
     ct_s, ct_h, ct_d = vjp_fn(alpha)
     acc_h, acc_d, acc_s0 = acc
     acc_h = add(scale(gamma, acc_h), ct_h)
@@ -53,7 +59,8 @@ def greedy_accumulate(gamma: float) -> Transform:
     all greedy gradients. With a learned ``w_0`` the step-1 term includes
     :math:`\alpha_1 A_1\, ds_0/d\lambda`, discounted like :math:`\alpha_1 B_1`.
 
-    Cost: one step VJP and one outer-loss gradient per inner step; memory O(|s| + H), flat in ``T``.
+    Cost: one step VJP and one outer-loss gradient in ``w`` per inner step (the gradient in λ only
+    at the last step); memory O(|s| + H), flat in ``T``.
 
     Example:
         >>> import hyperfunc as hf
@@ -71,7 +78,7 @@ def greedy_accumulate(gamma: float) -> Transform:
             s, init_vjp = problem.initial()
             acc = (zeros_like(problem.h), zeros_like(prep.d), zeros_like(s))
             for t in range(loop.steps):
-                s, acc, loss, direct = greedy_step(problem, prep, s, t, acc, gamma)
+                s, acc, loss, direct = greedy_step(problem, prep, s, t, acc, gamma, t == loop.steps - 1)
             grads = problem.finish(prep, add(direct, acc[0]), acc[1], acc[2], init_vjp)
             return problem.result(grads, loss, s)
 
