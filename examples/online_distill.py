@@ -8,7 +8,7 @@ inner optimizations; the head's initialization φ is meta-learned by Reptile (φ
 The same loop runs with online one-step lookahead for comparison. The training loop itself is
 ``meta_train`` in ``sinusoid_anil.py``.
 
-    python examples/online_distill.py            # 500 inner optimizations per method
+    python examples/online_distill.py            # 150 inner optimizations per method
     python examples/online_distill.py --quick    # seconds
 """
 
@@ -25,7 +25,7 @@ import hyperfunc as hf
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=500, help="inner optimizations per method")
+    parser.add_argument("--episodes", type=int, default=150, help="inner optimizations per method")
     parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--estimate-every", type=int, default=50)
     parser.add_argument("--meta-batch", type=int, default=10)
