@@ -175,7 +175,7 @@ def main(argv=None):
         )
         curve = torch.tensor(curves).mean(0)
         ax.plot(curve.cumsum(0) / torch.arange(1, len(curve) + 1), label=label)
-    ax.set(xlabel="meta-iteration", ylabel="meta-train query loss (running mean over iterations and runs)")
+    ax.set(xlabel="meta-iteration", ylabel="query loss (running mean, mean of runs)")
     ax.legend(fontsize=7)
     save(fig, out, "fewshot_digits")
     title = (
