@@ -11,7 +11,7 @@ Algorithm 3; offline methods (drmad, implicit, truncate, unroll, langevin) once 
 optimization. langevin (HPO-SGLD) needs plain SGD, so it runs the same problem without momentum,
 next to unroll on that problem as its reference.
 
-    python examples/sinusoid_anil.py            # full protocol, 5 runs (about 15 minutes on 2 cores)
+    python examples/sinusoid_anil.py            # full protocol, 5 runs (about 10 minutes on 2 cores)
     python examples/sinusoid_anil.py --demo     # the README demo: 1 run, 5 methods, under 2 minutes
     python examples/sinusoid_anil.py --quick    # seconds (tests)
 """
