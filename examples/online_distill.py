@@ -18,7 +18,7 @@ import argparse
 
 import torch
 from _common import figure, fmt_ci, results_dir, save, write_table
-from sinusoid_anil import INNER_LR, meta_test, meta_train
+from sinusoid_anil import meta_test, meta_train
 
 import hyperfunc as hf
 
@@ -40,8 +40,8 @@ def main():
         args.episodes, args.estimate_every, args.test_tasks, args.meta_batch = 4, 2, 20, 3
     torch.manual_seed(args.seed)
     out = results_dir(args.out)
-    problem = hf.tasks.anil_sinusoid(steps=30, lr=INNER_LR, momentum=0.9)
-    before, sharp = meta_test(problem, problem.hparams, problem.params0, args.test_tasks, momentum=0.9)
+    problem = hf.tasks.anil_sinusoid(steps=30)
+    before, sharp = meta_test(problem, problem.hparams, problem.params0, args.test_tasks)
     rows = [
         {
             "method": "no meta-training",
@@ -54,7 +54,7 @@ def main():
     methods = (("online one-step (γ=0, θ=1)", hf.online.one_step), (f"HyperDistill (γ={args.gamma})", "distill"))
     for method, factory in methods:
         hparams, head, losses, thetas = meta_train(method, "online", factory, problem, args, args.seed)
-        mse, sharp = meta_test(problem, hparams, head, args.test_tasks, momentum=0.9)
+        mse, sharp = meta_test(problem, hparams, head, args.test_tasks)
         last = f"{thetas[-1][1]:.3f}" if thetas else "1 (fixed)"
         rows.append(
             {"method": method, "meta-test MSE (95% CI)": fmt_ci(mse), "last θ": last, "sharpness": f"{sharp.max():.2f}"}

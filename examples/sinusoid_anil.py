@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 import hyperfunc as hf
 
-INNER_LR = 0.01
 PAPER = {"FO": "0.567 ± 0.193", "one_step": "0.670 ± 0.283", "drmad": "1.086 ± 0.176",
          "implicit (Neumann)": "0.502 ± 0.146", "HyperDistill": "0.327 ± 0.052"}  # fmt: skip
 
@@ -49,15 +48,13 @@ def methods(steps: int) -> dict:
     }
 
 
-def meta_test(
-    problem, hparams, head, n_tasks: int, momentum: float, seed: int = 10_000
-) -> tuple[torch.Tensor, torch.Tensor]:
+def meta_test(problem, hparams, head, n_tasks: int, seed: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task MSE on held-out points after the inner optimization, and per-task sharpness.
 
     The inner problem is a least-squares fit of the head on the body's features ``f``: its Hessian's
     top eigenvalue is ``λ = 2 σ_max([f, 1])² / n``, and heavy-ball SGD (lr ``μ``, momentum ``β``)
-    converges on it only while ``μ λ < 2 (1 + β)``. The returned sharpness is ``μ λ / (2 (1 + β))``:
-    above 1 the task's inner loop diverges.
+    converges on it only while ``μ λ < 2 (1 + β)``. The returned sharpness is ``μ λ / (2 (1 + β))``,
+    with μ and β read from the problem's inner SGD: above 1 the task's inner loop diverges.
     """
     tasks = hf.tasks.sinusoid_tasks(n_tasks, generator=torch.Generator().manual_seed(seed))
     heads = head.expand(n_tasks).clone()
@@ -66,7 +63,8 @@ def meta_test(
     features, _ = torch.func.vmap(problem.loop.prepared, in_dims=(None, 0))(hparams, tasks.inner_batches)
     design = torch.cat([features, torch.ones_like(features[..., :1])], -1)
     curvature = 2 * torch.linalg.svdvals(design)[:, 0] ** 2 / design.shape[-2]
-    return mse, INNER_LR * curvature / (2 * (1 + momentum))
+    sgd = problem.loop.optimizer.args
+    return mse, sgd["lr"] * curvature / (2 * (1 + sgd["momentum"]))
 
 
 def meta_train(name: str, kind: str, factory, problem, args, seed: int):
@@ -143,8 +141,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {list(table)}")
 
-    base = hf.tasks.anil_sinusoid(steps=args.steps, lr=INNER_LR)
-    untrained, sharp = meta_test(base, base.hparams, base.params0, args.test_tasks, momentum=0.9)
+    base = hf.tasks.anil_sinusoid(steps=args.steps)
+    untrained, sharp = meta_test(base, base.hparams, base.params0, args.test_tasks)
     rows = [
         {
             "method": "no meta-training",
@@ -158,12 +156,11 @@ def main(argv=None):
     fig, ax = figure(figsize=(6, 4))
     for name in tqdm(names, desc="methods"):
         kind, factory = table[name]
-        momentum = 0.0 if "plain SGD" in name else 0.9
-        problem = hf.tasks.anil_sinusoid(steps=args.steps, lr=INNER_LR, momentum=momentum)
+        problem = hf.tasks.anil_sinusoid(steps=args.steps, momentum=0.0 if "plain SGD" in name else 0.9)
         scores, sharpness, curves = [], [], []
         for run in range(args.runs):
             hparams, head, curve, _ = meta_train(name, kind, factory, problem, args, seed=run)
-            mse, sharp = meta_test(problem, hparams, head, args.test_tasks, momentum)
+            mse, sharp = meta_test(problem, hparams, head, args.test_tasks)
             scores.append(mse.mean())
             sharpness.append(sharp.max())
             curves.append(curve)
