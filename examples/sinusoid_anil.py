@@ -60,7 +60,7 @@ def meta_test(problem, hparams, head, n_tasks: int, seed: int = 10_000) -> tuple
     heads = head.expand(n_tasks).clone()
     final = torch.func.vmap(problem.loop.run, in_dims=(None, 0, 0))(hparams, heads, tasks.inner_batches)
     mse = torch.func.vmap(lambda p, x, y: problem.outer_loss(p, hparams, (x, y)))(final, tasks.x_val, tasks.y_val)
-    features, _ = torch.func.vmap(problem.loop.prepared, in_dims=(None, 0))(hparams, tasks.inner_batches)
+    features, _ = torch.func.vmap(problem.loop.prepare, in_dims=(None, 0))(hparams, tasks.inner_batches)
     design = torch.cat([features, torch.ones_like(features[..., :1])], -1)
     curvature = 2 * torch.linalg.svdvals(design)[:, 0] ** 2 / design.shape[-2]
     sgd = problem.loop.optimizer.args

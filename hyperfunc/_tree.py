@@ -25,14 +25,16 @@ def check_tensordict(value: Any, name: str) -> None:
     if not isinstance(value, TensorDictBase):
         raise TypeError(
             f"{name} must be a tensordict.TensorDict, got {type(value).__name__}; "
-            f"wrap your tensors with TensorDict({{...}}, batch_size=[]) or TensorDict.from_module(module)"
+            f"wrap your tensors with TensorDict({{...}}, batch_size=[]), or use hf.module_state(module)"
         )
     for key in value.keys(include_nested=True, leaves_only=True):
         leaf = value.get(key)
         if not torch.is_tensor(leaf) or not leaf.is_floating_point():
             raise TypeError(
                 f"{name}[{key!r}] must be a floating-point tensor, got "
-                f"{getattr(leaf, 'dtype', type(leaf).__name__)}; convert it with .double() or .float()"
+                f"{getattr(leaf, 'dtype', type(leaf).__name__)}; convert it with .double() or .float(). If {name} "
+                "came from TensorDict.from_module(net) (params and buffers together), split it instead with "
+                "params, buffers = hf.module_state(net) and pass hg(..., buffers=buffers)"
             )
 
 

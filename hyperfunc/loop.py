@@ -10,26 +10,59 @@ from typing import Any, Optional
 import torch
 from tensordict import TensorDictBase
 
-from ._tree import Keys, Leaves, build, check_tensordict, keys_of, leaves_of, tensor_leaves, tree_index
+from ._tree import (
+    Keys,
+    Leaves,
+    build,
+    check_same_keys,
+    check_tensordict,
+    keys_of,
+    leaves_of,
+    tensor_leaves,
+    tree_index,
+)
 from .optim import Optimizer
 
-#: ``loss(params, hparams, batch) -> scalar tensor``; params and hparams are TensorDicts.
+#: ``loss(params, hparams, batch) -> scalar tensor``, or with module buffers
+#: ``loss(params, hparams, batch, buffers) -> (scalar tensor, new_buffers)``; all are TensorDicts.
 Loss = Callable[[TensorDictBase, TensorDictBase, Any], torch.Tensor]
 
 
-def call_loss(fn: Loss, name: str, params: TensorDictBase, hparams: TensorDictBase, batch: Any) -> torch.Tensor:
-    """Evaluate a user loss, turning a missing key or a non-scalar result into a clear ``ValueError``."""
+def call_loss(
+    fn: Loss, name: str, params: TensorDictBase, hparams: TensorDictBase, batch: Any, buffers: Any = None
+) -> tuple[torch.Tensor, Any]:
+    """Evaluate a user loss as ``(loss, new_buffers)``, turning mistakes into a clear ``ValueError``.
+
+    Without buffers (``buffers is None``) the loss is ``fn(params, hparams, batch) -> scalar`` and
+    ``new_buffers`` is None; with buffers it is ``fn(params, hparams, batch, buffers) -> (scalar,
+    new_buffers)``, and the new buffers are detached (module state is never differentiated).
+    """
     try:
-        out = fn(params, hparams, batch)
+        out = fn(params, hparams, batch) if buffers is None else fn(params, hparams, batch, buffers)
     except KeyError as err:
         raise ValueError(
             f"{name} looked up a key that is missing: {err}. params has keys {_names(params)}, "
             f"hparams has keys {_names(hparams)}; make params0 and hparams hold every key the loss reads"
         ) from err
+    new = None
+    if buffers is not None:
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], TensorDictBase)):
+            raise ValueError(
+                f"{name} was given buffers, so it must return (loss, new_buffers) with new_buffers a TensorDict "
+                f"(from hf.functional_call), got {type(out).__name__}"
+            )
+        out, new = out
+        check_same_keys(new, keys_of(buffers), f"the buffers returned by {name}", "the buffers passed to hg")
+        new = new.detach()
     if not torch.is_tensor(out) or out.dim() != 0:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ValueError(f"{name} must return a scalar tensor, got {shape}; reduce it with .mean() or .sum()")
-    return out
+    return out, new
+
+
+def module_buffers(b: Any) -> Optional[TensorDictBase]:
+    """The buffers TensorDict, or None for the internal "no buffers" marker ``()``."""
+    return b if isinstance(b, TensorDictBase) else None
 
 
 def _names(td: TensorDictBase) -> list[str]:
@@ -95,8 +128,8 @@ class InnerLoop:
                 f"prepare must be None or a function (hparams, inner_batches) -> batches, got {self.prepare!r}"
             )
 
-    # -- batches -----------------------------------------------------------------------------
-    def check_batches(self, batches: Any, name: str = "inner_batches") -> None:
+    # -- batches (internal) -------------------------------------------------------------------
+    def _check_batches(self, batches: Any, name: str = "inner_batches") -> None:
         """Raise ``ValueError`` unless every tensor leaf has leading dimension ``steps`` (or full_batch)."""
         leaves = tensor_leaves(batches)
         if not leaves:
@@ -110,46 +143,49 @@ class InnerLoop:
                     f"inner step), got shape {tuple(leaf.shape)}; pass full_batch=True to reuse one batch"
                 )
 
-    def batch_at(self, batches: Any, t: int) -> Any:
+    def _batch_at(self, batches: Any, t: int) -> Any:
         """The batch of step ``t`` (0-based)."""
         return batches if self.full_batch else tree_index(batches, t)
 
-    def prepared(self, hparams: TensorDictBase, batches: Any) -> Any:
+    def _prepared(self, hparams: TensorDictBase, batches: Any) -> Any:
         """``prepare(hparams, batches)``, or ``batches`` when there is no ``prepare``."""
         if self.prepare is None:
             return batches
         out = self.prepare(hparams, batches)
-        self.check_batches(out, "the output of prepare(hparams, inner_batches)")
+        self._check_batches(out, "the output of prepare(hparams, inner_batches)")
         return out
 
-    # -- the step map ------------------------------------------------------------------------
-    def loss_grad(self, keys: Keys, params: Leaves, hparams: TensorDictBase, batch: Any) -> Leaves:
-        r""":math:`\nabla_w L_{in}(w, \lambda; D)` on flat params."""
-        return torch.func.grad(lambda w: call_loss(self.inner_loss, "inner_loss", build(keys, w), hparams, batch))(
-            params
-        )
+    # -- the step map (internal, on flat tuples) ------------------------------------------------
+    def _grad(self, keys: Keys, params: Leaves, hparams: TensorDictBase, batch: Any, buffers: Any) -> tuple:
+        r""":math:`\nabla_w L_{in}(w, \lambda; D)` on flat params, and the loss's new buffers (or None)."""
 
-    def step_leaves(self, keys: Keys, state: Leaves, hparams: TensorDictBase, batch: Any, t: Any) -> Leaves:
-        r"""One inner step :math:`s_{t+1} = \Phi(s_t, \lambda; D)` on the flat state (``t`` is 0-based)."""
-        grads = self.loss_grad(keys, state[: len(keys)], hparams, batch)
-        return self.optimizer.step_leaves(state, grads, hparams, keys, t)
+        def loss(w: Leaves):
+            out, new = call_loss(self.inner_loss, "inner_loss", build(keys, w), hparams, batch, module_buffers(buffers))
+            return out, (() if new is None else new)  # torch.func refuses None as aux
 
-    def run_leaves(
-        self, keys: Keys, state: Leaves, hparams: TensorDictBase, batches: Any, start: int, stop: int
-    ) -> Leaves:
-        """Steps ``start..stop-1`` from ``state`` on already prepared batches."""
-        for t in range(start, stop):
-            state = self.step_leaves(keys, state, hparams, self.batch_at(batches, t), t)
-        return state
+        return torch.func.grad(loss, has_aux=True)(params)
+
+    def _step(self, keys: Keys, state: Leaves, buffers: Any, hparams: TensorDictBase, batch: Any, t: Any) -> tuple:
+        r"""One inner step :math:`s_{t+1} = \Phi(s_t, \lambda; D)` on the flat state (``t`` is 0-based),
+        and the new buffers (``()`` stands for "no buffers" inside the step loop)."""
+        grads, buffers = self._grad(keys, state[: len(keys)], hparams, batch, buffers)
+        return self.optimizer._step_leaves(state, grads, hparams, keys, t), buffers
 
     # -- convenience -------------------------------------------------------------------------
-    def run(self, hparams: TensorDictBase, params0: Any, inner_batches: Any) -> TensorDictBase:
-        """The final params :math:`w_T` (no hypergradient; the cost floor every transform is measured against)."""
+    def run(self, hparams: TensorDictBase, params0: Any, inner_batches: Any, buffers: Any = None) -> Any:
+        """The final params :math:`w_T` without a hypergradient (with ``buffers``: ``(w_T, buffers_T)``).
+
+        The inner loop as plain training, the work every hypergradient transform adds to.
+        """
         check_tensordict(hparams, "hparams")
-        self.check_batches(inner_batches)
+        self._check_batches(inner_batches)
         params = params0(hparams) if callable(params0) else params0
         check_tensordict(params, "params0")
         keys = keys_of(params)
-        state = self.optimizer.init_leaves(leaves_of(params, keys))
-        state = self.run_leaves(keys, state, hparams, self.prepared(hparams, inner_batches), 0, self.steps)
-        return build(keys, state[: len(keys)])
+        state = self.optimizer._init_leaves(leaves_of(params, keys))
+        batches = self._prepared(hparams, inner_batches)
+        b = () if buffers is None else buffers
+        for t in range(self.steps):
+            state, b = self._step(keys, state, b, hparams, self._batch_at(batches, t), t)
+        w = build(keys, state[: len(keys)])
+        return w if buffers is None else (w, b)

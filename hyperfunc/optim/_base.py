@@ -26,7 +26,7 @@ Rule = Callable[[Leaves, tuple, Leaves, Mapping[str, Resolved], Any], tuple]
 
 @dataclass(frozen=True)
 class Optimizer:
-    """A stateless inner optimizer: ``init(params) -> state`` and ``update(state, grads, hparams) -> state``.
+    r"""A stateless inner optimizer: ``init(params) -> state`` and ``update(state, grads, hparams) -> state``.
 
     The state is a TensorDict ``{"params": w, <buffer>: ..., "step": t}``; ``update`` returns a new
     state and never mutates its inputs. Numeric arguments may be functions of the hyperparameters
@@ -34,12 +34,32 @@ class Optimizer:
 
     Build one with :func:`hyperfunc.optim.sgd`, :func:`~hyperfunc.optim.adam` or
     :func:`~hyperfunc.optim.sgld`.
+
+    Besides its update, an optimizer declares the properties that transforms rely on (never
+    its name): ``stationary`` (its fixed points are the stationary points of
+    :math:`L_{in} + \tfrac{wd}{2}\|w\|^2`, which implicit differentiation needs) and
+    ``langevin`` (its update is :math:`w - \eta (g + wd\, w)` plus optional Gaussian noise, the
+    step of HPO-SGLD), ``preconditioned`` (the step rescales the gradient, as Adam does, so ``lr``
+    is no step size for a Neumann series). ``lr`` and ``weight_decay`` give those arguments.
     """
 
     name: str
     buffers: tuple[str, ...]
     args: Mapping[str, Arg]
     rule: Rule
+    stationary: bool = True
+    langevin: bool = False
+    preconditioned: bool = False
+
+    @property
+    def lr(self) -> Arg:
+        """The learning rate argument (number, scalar tensor or callable of the hyperparameters)."""
+        return self.args["lr"]
+
+    @property
+    def weight_decay(self) -> Arg:
+        """The weight decay argument (0.0 when the optimizer has none)."""
+        return self.args.get("weight_decay", 0.0)
 
     # -- public TensorDict API -------------------------------------------------------------
     def init(self, params: TensorDictBase) -> TensorDictBase:
@@ -47,7 +67,7 @@ class Optimizer:
         check_tensordict(params, "params")
         keys = keys_of(params)
         step = torch.zeros((), dtype=torch.int64, device=_device(params))
-        return self.state_dict(self.init_leaves(leaves_of(params, keys)), keys, step)
+        return self._state_dict(self._init_leaves(leaves_of(params, keys)), keys, step)
 
     def update(
         self, state: TensorDictBase, grads: TensorDictBase, hparams: TensorDictBase | None = None
@@ -56,17 +76,17 @@ class Optimizer:
         check_tensordict(grads, "grads")
         keys = keys_of(state.get("params"))
         check_same_keys(grads, keys, "grads", "state['params']")
-        leaves = self.state_leaves(state, keys)
+        leaves = self._state_leaves(state, keys)
         step = state.get("step")
-        new = self.step_leaves(leaves, leaves_of(grads, keys), hparams, keys, step)
-        return self.state_dict(new, keys, step + 1)
+        new = self._step_leaves(leaves, leaves_of(grads, keys), hparams, keys, step)
+        return self._state_dict(new, keys, step + 1)
 
-    # -- flat API used by the inner loop ---------------------------------------------------
-    def init_leaves(self, params: Leaves) -> Leaves:
+    # -- flat layout used by the inner loop: (w..., buffer_1..., buffer_2...) ----------------
+    def _init_leaves(self, params: Leaves) -> Leaves:
         """Flat state ``(w..., buffer_1..., buffer_2...)`` with zero buffers."""
         return tuple(params) + tuple(torch.zeros_like(p) for _ in self.buffers for p in params)
 
-    def step_leaves(
+    def _step_leaves(
         self, state: Leaves, grads: Leaves, hparams: TensorDictBase | None, keys: Keys, step: Any
     ) -> Leaves:
         """One update on the flat state; ``step`` is the 0-based index of this update."""
@@ -77,11 +97,11 @@ class Optimizer:
         params, buffers = self.rule(params, buffers, grads, args, step)
         return tuple(params) + tuple(leaf for buffer in buffers for leaf in buffer)
 
-    def state_leaves(self, state: TensorDictBase, keys: Keys) -> Leaves:
+    def _state_leaves(self, state: TensorDictBase, keys: Keys) -> Leaves:
         """Flatten a state TensorDict made by :meth:`init` into the flat layout."""
         return sum((leaves_of(state.get(name), keys) for name in ("params",) + self.buffers), ())
 
-    def state_dict(self, leaves: Leaves, keys: Keys, step: Any) -> TensorDictBase:
+    def _state_dict(self, leaves: Leaves, keys: Keys, step: Any) -> TensorDictBase:
         """Rebuild the state TensorDict from the flat layout."""
         n = len(keys)
         out = {name: build(keys, leaves[i * n : (i + 1) * n]) for i, name in enumerate(("params",) + self.buffers)}

@@ -67,4 +67,4 @@ def adam(
             new_v.append(v)
         return tuple(new_params), (tuple(new_m), tuple(new_v))
 
-    return Optimizer("adam", ("exp_avg", "exp_avg_sq"), args, rule)
+    return Optimizer("adam", ("exp_avg", "exp_avg_sq"), args, rule, preconditioned=True)

@@ -69,4 +69,5 @@ def sgd(
             new_params.append(w - at(a["lr"], i) * g)
         return tuple(new_params), ((tuple(new_bufs),) if has_momentum else ())
 
-    return Optimizer("sgd", ("momentum_buffer",) if has_momentum else (), args, rule)
+    buffers = ("momentum_buffer",) if has_momentum else ()
+    return Optimizer("sgd", buffers, args, rule, langevin=not has_momentum)

@@ -50,4 +50,4 @@ def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0, weight_decay: Arg = 0.0
             new.append(w)
         return tuple(new), ()
 
-    return Optimizer("sgld", (), args, rule)
+    return Optimizer("sgld", (), args, rule, stationary=False, langevin=True)

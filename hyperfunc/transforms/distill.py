@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -18,9 +19,10 @@ import torch.utils._pytree as pytree
 from .._tree import Leaves, add, dot, safe_divide, scale, tensor_leaves, tree_index
 from ..loop import InnerLoop, Loss
 from ..optim._noise import bits
-from ._problem import HyperGrad, Prepared, Problem, check_transform_args
+from ._online import Online, OnlineState, Session
+from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform
 from .greedy import check_gamma
-from .reverse import HyperGradFn, Transform, drmad_pass, interpolate
+from .reverse import HyperGradFn, drmad_pass, interpolate
 
 
 def horizon(gamma: float, t: int) -> float:
@@ -72,29 +74,33 @@ class Distilled(NamedTuple):
     s: Leaves
     D: Optional[tuple[torch.Tensor, torch.Tensor]]
 
-    def batch(self, problem: Problem, batches: Any, t: int) -> Any:
+    def batch(self, bound: Bound, batches: Any, t: int) -> Any:
         """The distilled batch gathered from the (prepared) batches; ``t`` is the step used with full_batch."""
-        return problem.loop.batch_at(batches, t) if self.D is None else tree_index(batches, self.D)
+        return bound.loop._batch_at(batches, t) if self.D is None else tree_index(batches, self.D)
 
 
-def advance(problem: Problem, dist: Optional[Distilled], s: Leaves, t: int, p: float, seed: int, stream: int):
+def advance(bound: Bound, dist: Optional[Distilled], s: Leaves, t: int, p: float, seed: int, stream: int):
     """Add the state ``s`` and the batch of step ``t`` to the distillation with weight ``1 - p``."""
-    if problem.loop.full_batch:
+    if bound.loop.full_batch:
         D = None
     else:
-        n = batch_size(problem.loop.batch_at(problem.batches, t), "one step's inner batch")
-        new = step_indices(n, t, tensor_leaves(problem.batches)[0].device)
+        n = batch_size(bound.loop._batch_at(bound.batches, t), "one step's inner batch")
+        new = step_indices(n, t, tensor_leaves(bound.batches)[0].device)
         D = new if dist is None else merge(dist.D, new, keep_count(n, p), seed, t, stream)
     return Distilled(s if dist is None else interpolate(dist.s, s, 1.0 - p), D)
 
 
-def distilled_vjp(problem: Problem, prep: Prepared, dist: Distilled, t: int, alpha: Leaves) -> tuple[Leaves, Leaves]:
-    r""":math:`v = \alpha\, \partial\Phi(s^*, \lambda; D^*)/\partial\lambda` as cotangents on ``h`` and the batches."""
+def distilled_vjp(bound: Bound, dist: Distilled, b: Any, t: int, alpha: Leaves) -> HyperCotangent:
+    r""":math:`v = \alpha\, \partial\Phi(s^*, \lambda; D^*)/\partial\lambda` as a cotangent on ``(λ, d)``.
+
+    Module buffers are not averaged (integer counters cannot be): the step at :math:`s^*` runs with
+    the current buffers ``b``."""
+    prep = bound.prep
 
     def phi(h: Leaves, d: Leaves) -> Leaves:
-        return problem.step_on(dist.s, h, dist.batch(problem, prep.rebuild(d), t), t)
+        return bound.step_on(dist.s, b, h, dist.batch(bound, prep.rebuild(d), t), t)[0]
 
-    return torch.func.vjp(phi, problem.h, prep.d)[1](alpha)
+    return HyperCotangent(*torch.func.vjp(phi, bound.h, prep.d)[1](alpha))
 
 
 class Estimate(NamedTuple):
@@ -105,23 +111,23 @@ class Estimate(NamedTuple):
     y: torch.Tensor
 
 
-def estimate(problem: Problem, prep: Prepared, gamma: float, seed: int) -> Estimate:
+def estimate(bound: Bound, gamma: float, seed: int) -> Estimate:
     r"""Algorithm 4 (LinearEstimation) on one bound problem; see :func:`linear_estimation`."""
-    h, steps = problem.h, problem.loop.steps
-    s0 = problem.init_state(h)
-    sT = problem.run(s0, h, prep.rebuild(prep.d), 0, steps)
+    steps, prep = bound.loop.steps, bound.prep
+    s0 = bound.initial()
+    sT, bT = bound.run(s0, bound.buffers, bound.h, prep.rebuild(prep.d), 0, steps)
     xs, ys, dist = [], [], [None]
 
-    def on_step(t: int, s_hat: Leaves, second_h: Leaves, second_d: Leaves, alpha_T: Leaves) -> None:
+    def on_step(t: int, s_hat: Leaves, second: HyperCotangent, alpha_T: Leaves) -> None:
         s = steps - t + 1
-        dist[0] = advance(problem, dist[0], s_hat, t - 1, horizon(gamma, s - 1) / horizon(gamma, s), seed, 1)
-        v = prep.to_hparams(*distilled_vjp(problem, prep, dist[0], t - 1, alpha_T))
-        g_so = prep.to_hparams(second_h, second_d)
+        dist[0] = advance(bound, dist[0], s_hat, t - 1, horizon(gamma, s - 1) / horizon(gamma, s), seed, 1)
+        v = bound.to_hparams(distilled_vjp(bound, dist[0], bT, t - 1, alpha_T))
+        g_so = bound.to_hparams(second)
         norm = dot(v, v).sqrt()
         xs.append(norm * horizon(gamma, s))
         ys.append(safe_divide(dot(v, g_so), norm))
 
-    drmad_pass(problem, prep, s0, sT, on_step)
+    drmad_pass(bound, s0, sT, bT, on_step)
     x, y = torch.stack(xs), torch.stack(ys)
     return Estimate(safe_divide(dot((x,), (y,)), dot((x,), (x,))), x, y)
 
@@ -140,15 +146,6 @@ def check_theta(theta: Any) -> Any:
     if not isinstance(theta, numbers.Real) or isinstance(theta, bool) or not math.isfinite(theta):
         raise TypeError(f"theta must be None (fit by Algorithm 4), a finite number or a scalar tensor, got {theta!r}")
     return float(theta)
-
-
-def refuse_learned_init(problem: Problem, what: str) -> None:
-    if problem.learned_init:
-        raise ValueError(
-            f"{what} does not differentiate a learned initialization: HyperDistill meta-learns params0 with "
-            "Reptile (Algorithm 3, line 14); pass params0 as a TensorDict and update it outside, or use "
-            "unroll/forward/greedy_accumulate for a hypergradient in params0"
-        )
 
 
 def linear_estimation(gamma: float, seed: int = 0) -> Any:
@@ -184,10 +181,9 @@ def linear_estimation(gamma: float, seed: int = 0) -> Any:
     def transform(loop: InnerLoop, outer_loss: Loss):
         check_transform_args(loop, outer_loss)
 
-        def fit(hparams, params0, inner_batches, outer_batch) -> Estimate:
-            problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
-            refuse_learned_init(problem, "linear_estimation")
-            return estimate(problem, problem.prepared(), gamma, seed)
+        def fit(hparams, params0, inner_batches, outer_batch, buffers=None) -> Estimate:
+            bound = Bound.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch, buffers)
+            return estimate(bound, gamma, seed)
 
         return fit
 
@@ -211,7 +207,10 @@ def distill(gamma: float, theta: Any = None, seed: int = 0) -> Transform:
     offline result is :math:`g_T`; :func:`hyperfunc.online.distill` emits every :math:`g_t`.
     ``theta=None`` fits θ by :func:`linear_estimation` (Algorithm 4) inside the call; a number
     fixes it (the paper's :math:`\pi^* = 1` case is ``theta=1``). :math:`\gamma = 0, \theta = 1`
-    is one-step lookahead. A learned ``params0`` is refused (the paper meta-learns it by Reptile).
+    is one-step lookahead. Its formula has no :math:`w_0` term: a learned ``params0`` is a
+    ``ValueError`` unless wrapped, ``hf.reptile(hf.distill(γ))`` as the paper meta-learns it
+    (Algorithm 3, line 14) or ``hf.fomaml(...)``. Module buffers are carried through the steps;
+    the distilled step runs with the current buffers (they are not averaged).
 
     Cost: ``T`` gradient steps, one outer gradient and one step VJP, plus ``2T`` VJPs when θ is
     fitted; memory O(|s| + H) (the distilled batch is kept as ``n`` index pairs).
@@ -224,25 +223,70 @@ def distill(gamma: float, theta: Any = None, seed: int = 0) -> Transform:
     gamma, seed = check_gamma(gamma), check_seed(seed)
     theta = None if theta is None else check_theta(theta)
 
+    def algorithm(bound: Bound) -> Outcome:
+        steps, prep = bound.loop.steps, bound.prep
+        s, b, dist, batches = bound.initial(), bound.buffers, None, prep.rebuild(prep.d)
+        for t in range(1, steps + 1):
+            dist = advance(bound, dist, s, t - 1, gamma * horizon(gamma, t - 1) / horizon(gamma, t), seed, 0)
+            s, b = bound.run(s, b, bound.h, batches, t - 1, t)
+        loss, alpha, direct = bound.outer_vjp(s, b)
+        size = (estimate(bound, gamma, seed).theta if theta is None else theta) * horizon(gamma, steps)
+        v = distilled_vjp(bound, dist, b, steps - 1, alpha)
+        return Outcome(direct.plus(v.times(size)), loss, s, b, InitTerm.ABSENT)
+
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
-        check_transform_args(loop, outer_loss)
+        return make_transform(algorithm, f"distill({gamma})", loop, outer_loss)
 
-        def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
-            problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
-            refuse_learned_init(problem, "distill")
-            prep = problem.prepared()
-            h, steps, batches = problem.h, loop.steps, prep.rebuild(prep.d)
-            s, dist = problem.init_state(h), None
-            for t in range(1, steps + 1):
-                dist = advance(problem, dist, s, t - 1, gamma * horizon(gamma, t - 1) / horizon(gamma, t), seed, 0)
-                s = problem.run(s, h, batches, t - 1, t)
-            loss, outer_vjp = torch.func.vjp(problem.outer, s, h)
-            alpha, direct = outer_vjp(torch.ones_like(loss))
-            v_h, v_d = distilled_vjp(problem, prep, dist, steps - 1, alpha)
-            size = (estimate(problem, prep, gamma, seed).theta if theta is None else theta) * horizon(gamma, steps)
-            grads = problem.finish(prep, add(direct, scale(size, v_h)), scale(size, v_d), None, None)
-            return problem.result(grads, loss, s)
+    return transform
 
-        return hg
+
+def online_distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLoop, Loss], Online]:
+    r"""Online HyperDistill (Lee et al. 2022, Algorithm 3): after step ``t`` emit
+
+    .. math::
+        g_t = \partial_\lambda L_{out}(w_t) + \theta\,\frac{1-\gamma^t}{1-\gamma}\, v_t, \qquad
+        v_t = \alpha_t\, \partial\Phi(s^*_t, \lambda; D^*_t)/\partial\lambda,
+
+    carrying the distilled state :math:`s^*_t` (Eq. 13) and the distilled batch :math:`D^*_t`
+    (Eq. 14, kept as data: ``n`` examples) in the state. ``theta`` is fixed here; refresh it every
+    ``N`` inner optimizations with :func:`hyperfunc.linear_estimation` (Algorithm 4; the paper uses
+    N = 50) and build a new online transform with it. With fixed hyperparameters the emission after
+    step ``T`` equals :func:`hyperfunc.distill` ``(gamma, theta, seed)``; ``gamma = 0, theta = 1`` is
+    :func:`hyperfunc.online.one_step`. With module buffers the distilled step uses the buffers after step ``t``.
+
+    Cost per step: one step VJP, one outer gradient and one distilled VJP (plus ``prepare`` on the
+    distilled batch); memory O(|s| + H + n).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
+        >>> opt = hf.online.distill(0.9, theta=1.0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    gamma, seed, theta = check_gamma(gamma), check_seed(seed), check_theta(theta)
+
+    def transform(loop: InnerLoop, outer_loss: Loss) -> Online:
+        session = Session.of(loop, outer_loss)
+
+        def init(hparams, params0, buffers=None) -> OnlineState:
+            return session.start(hparams, params0, buffers, lambda bound: (bound.initial(), ()))
+
+        def step(state, hparams, batch, outer_batch, t):
+            bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
+            s_star, D_star = state.extra
+            p = gamma * horizon(gamma, t) / horizon(gamma, t + 1)
+            s_star = s if t == 0 else interpolate(s_star, s, 1.0 - p)
+            if t > 0 and not loop.full_batch:
+                D_star = merge(D_star, batch, keep_count(batch_size(batch, "batch"), p), seed, t, 0)
+            else:
+                D_star = batch
+            s_new, b_new = bound.run(s, bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), t, t + 1)
+            loss, alpha, direct = bound.outer_vjp(s_new, b_new)
+            star = session.bind(state, hparams, D_star, outer_batch, t)[0]
+            v = star.to_hparams(distilled_vjp(star, Distilled(s_star, None), b_new, t, alpha))
+            grads = add(direct.h, scale(theta * horizon(gamma, t + 1), v))
+            result = star.finish(Outcome(HyperCotangent(grads, ()), loss, s_new, b_new, InitTerm.ABSENT))
+            return result, session.state(bound, s_new, b_new, t, (s_star, D_star))
+
+        return Online(init, step)
 
     return transform

@@ -2,7 +2,7 @@ r"""Forward-mode hypergradient (real-time recurrent learning; Shaban et al. 2019
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -10,8 +10,8 @@ from torch.func import jvp, vmap
 
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
-from ._problem import HyperGrad, Problem, check_transform_args
-from .reverse import HyperGradFn
+from ._online import Online, OnlineState, Session
+from .base import Bound, HyperCotangent, HyperGradFunction, InitTerm, Outcome, make_transform
 
 
 def _first(outputs: tuple, *positions: int) -> tuple:
@@ -24,13 +24,15 @@ def _first(outputs: tuple, *positions: int) -> tuple:
 
 
 class ForwardState(NamedTuple):
-    """State of forward-mode propagation after ``t`` inner steps.
+    r"""State of forward-mode propagation after ``t`` inner steps.
 
-    ``Z`` holds :math:`Z_t = ds_t/d\\lambda`, one leading row per scalar hyperparameter.
+    ``Z`` holds :math:`Z_t = ds_t/d\lambda`, one leading row per scalar hyperparameter; ``b`` the
+    module buffers (carried, never differentiated).
     """
 
     t: int
     s: Leaves
+    b: Any
     Z: Leaves
 
 
@@ -41,53 +43,73 @@ def basis(h: Leaves) -> Leaves:
     return tuple(block.reshape(-1, *x.shape) for block, x in zip(eye.split(numels, dim=1), h))
 
 
-class ForwardProblem(NamedTuple):
-    """A problem bound for forward mode: the basis ``E`` and the prepared batches with tangents."""
+class Tangents(NamedTuple):
+    """A bound problem linearized for forward mode: the basis ``E`` of the hyperparameters and the
+    prepared batches ``d`` with their tangents ``Zd = dd/dλ`` (``prepare`` pushed forward once)."""
 
-    problem: Problem
+    bound: Bound
     E: Leaves
     d: Leaves
     Zd: Leaves
-    rebuild: object
+    rebuild: Any
 
     @classmethod
-    def bind(cls, problem: Problem) -> ForwardProblem:
-        h, E = problem.h, basis(problem.h)
-        if problem.loop.prepare is None:
-            return cls(problem, E, (), (), lambda d: problem.batches)
-        fn, rebuild_with = problem.prepare_fn()
+    def of(cls, bound: Bound) -> Tangents:
+        h, E = bound.h, basis(bound.h)
+        if bound.loop.prepare is None:
+            return cls(bound, E, (), (), lambda d: bound.batches)
+        fn, rebuild_with = bound.prepare_fn()
         d, Zd, others = _first(vmap(lambda e: jvp(fn, (h,), (e,), has_aux=True))(E), 0, 2)
-        return cls(problem, E, d, Zd, rebuild_with(others))
+        return cls(bound, E, d, Zd, rebuild_with(others))
 
-    def init(self) -> ForwardState:
-        r""":math:`s_0` and :math:`Z_0 = ds_0/d\lambda` (zero unless ``params0`` is learned)."""
-        p, h = self.problem, self.problem.h
-        if p.learned_init:
-            s, Z = _first(vmap(lambda e: jvp(p.init_state, (h,), (e,)))(self.E), 0)
+    def init(self, s: Leaves, b: Any, t: int = 0) -> ForwardState:
+        r""":math:`s_0` and :math:`Z_0 = ds_0/d\lambda` (zero unless ``params0`` is learned and its exact
+        term is asked for); ``s`` is used as :math:`s_0` otherwise (the online API's current state)."""
+        bound = self.bound
+        if bound.learned_init and bound.exact_init:
+            s, Z = _first(vmap(lambda e: jvp(bound.init_state, (bound.h,), (e,)))(self.E), 0)
         else:
-            s = p.init_state(h)
             Z = tuple(x.new_zeros((self.E[0].shape[0], *x.shape)) for x in s)
-        return ForwardState(0, s, Z)
+        return ForwardState(t, s, b, Z)
 
     def step(self, state: ForwardState) -> ForwardState:
         r""":math:`s_{t+1} = \Phi(s_t)`, :math:`Z_{t+1} = A_{t+1} Z_t + B_{t+1}` by one vmapped JVP."""
-        p, t = self.problem, state.t
+        bound, t = self.bound, state.t
 
         def phi(s, h, d):
-            return p.run(s, h, self.rebuild(d), t, t + 1)
+            return bound.run(s, state.b, h, self.rebuild(d), t, t + 1)
 
-        s, Z = _first(vmap(lambda z, e, zd: jvp(phi, (state.s, p.h, self.d), (z, e, zd)))(state.Z, self.E, self.Zd), 0)
-        return ForwardState(t + 1, s, Z)
+        def tangent(z, e, zd):
+            return jvp(phi, (state.s, bound.h, self.d), (z, e, zd), has_aux=True)
+
+        s, Z, b = _first(vmap(tangent)(state.Z, self.E, self.Zd), 0, 2)
+        return ForwardState(t + 1, s, b, Z)
 
     def hypergrad(self, state: ForwardState) -> tuple[Leaves, torch.Tensor]:
         r""":math:`\partial_\lambda L_{out}(w_t) + \alpha_t Z_t`, reshaped like the hyperparameters."""
-        p = self.problem
-        loss, g = _first(vmap(lambda z, e: jvp(p.outer, (state.s, p.h), (z, e)))(state.Z, self.E), 0)
-        numels = [x.numel() for x in p.h]
-        return tuple(block.reshape(x.shape) for block, x in zip(g.split(numels), p.h)), loss
+        bound = self.bound
+        loss, g = _first(
+            vmap(lambda z, e: jvp(lambda s, h: bound.outer(s, state.b, h), (state.s, bound.h), (z, e)))(
+                state.Z, self.E
+            ),
+            0,
+        )
+        numels = [x.numel() for x in bound.h]
+        return tuple(block.reshape(x.shape) for block, x in zip(g.split(numels), bound.h)), loss
 
 
-def forward(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
+def forward_pass(bound: Bound) -> Outcome:
+    """Forward mode over all ``T`` steps; the ``prepare`` and ``w_0`` terms are inside the tangents."""
+    fp = Tangents.of(bound)
+    state = fp.init(bound.initial(), bound.buffers)
+    for _ in range(bound.loop.steps):
+        state = fp.step(state)
+    grads, loss = fp.hypergrad(state)
+    init = InitTerm.INCLUDED if bound.exact_init else InitTerm.ABSENT
+    return Outcome(HyperCotangent(grads, ()), loss, state.s, state.b, init)
+
+
+def forward(loop: InnerLoop, outer_loss: Loss) -> HyperGradFunction:
     r"""Exact hypergradient by forward-mode differentiation (Shaban et al. 2019, Eq. 7).
 
     Propagates the total derivative of the state with respect to the hyperparameters,
@@ -114,14 +136,37 @@ def forward(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         >>> res.grads["lr"].shape
         torch.Size([])
     """
-    check_transform_args(loop, outer_loss)
+    return make_transform(forward_pass, "forward", loop, outer_loss)
 
-    def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
-        fp = ForwardProblem.bind(Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch))
-        state = fp.init()
-        for _ in range(loop.steps):
-            state = fp.step(state)
-        grads, loss = fp.hypergrad(state)
-        return fp.problem.result(grads, loss, state.s)
 
-    return hg
+def online_forward(loop: InnerLoop, outer_loss: Loss) -> Online:
+    r"""Online forward mode (real-time recurrent learning; Shaban et al. 2019, Eq. 7): carry
+    :math:`Z_t = A_t Z_{t-1} + B_t` and emit :math:`\partial_\lambda L_{out}(w_t) + \alpha_t Z_t` after every step.
+
+    With fixed hyperparameters every emission is the exact hypergradient of the horizon ``t``
+    (equal to :func:`hyperfunc.forward` at ``t = T``); when they change, ``Z`` mixes the
+    derivatives at past values, as in RTRL. Cost per step: ``H`` JVPs (vmapped); memory O(H·|s|).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=lambda h: h["lr"]), steps=20)
+        >>> opt = hf.online.forward(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    session = Session.of(loop, outer_loss)
+
+    def zero_tangents(bound: Bound) -> Leaves:
+        H = sum(x.numel() for x in bound.h)
+        return tuple(x.new_zeros((H, *x.shape)) for x in bound.initial())
+
+    def init(hparams, params0, buffers=None) -> OnlineState:
+        return session.start(hparams, params0, buffers, zero_tangents)
+
+    def step(state, hparams, batch, outer_batch, t):
+        bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
+        fp = Tangents.of(bound)
+        new = fp.step(ForwardState(t, s, bound.buffers, state.extra))
+        grads, loss = fp.hypergrad(new)
+        result = bound.finish(Outcome(HyperCotangent(grads, ()), loss, new.s, new.b, InitTerm.ABSENT))
+        return result, session.state(bound, new.s, new.b, t, new.Z)
+
+    return Online(init, step)

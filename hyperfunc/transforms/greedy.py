@@ -3,14 +3,14 @@ r"""Greedy accumulation of per-step hypergradients (Yakovlev 2024, Eq. 6)."""
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import torch
-
-from .._tree import Leaves, add, scale, zeros_like
+from .._tree import Leaves, add, build, check_same_keys, leaves_of, scale, zeros_like
 from ..loop import InnerLoop, Loss
-from ._problem import HyperGrad, Prepared, Problem, check_transform_args
-from .reverse import HyperGradFn, Transform
+from ._online import Online, OnlineState, Session
+from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, make_transform
+from .reverse import HyperGradFn
 
 
 def check_gamma(gamma: Any, name: str = "gamma") -> float:
@@ -21,29 +21,26 @@ def check_gamma(gamma: Any, name: str = "gamma") -> float:
     return float(gamma)
 
 
-def greedy_step(problem: Problem, prep: Prepared, s: Leaves, t: int, acc: tuple, gamma: float, with_direct: bool):
+class Accumulator(NamedTuple):
+    """The discounted sums of greedy accumulation: on ``(λ, d)`` and on a learned ``s_0``."""
+
+    cot: HyperCotangent
+    s0: Leaves
+
+
+def greedy_step(bound: Bound, s: Leaves, b: Any, t: int, acc: Accumulator, gamma: float, with_direct: bool):
     r"""One inner step ``s_{t+1} = Φ(s_t)`` and the accumulation ``h ← γ h + α_{t+1} B_{t+1}``.
 
-    ``acc = (h, d, s0)``: the accumulated cotangents on the hyperparameters, on the prepared
-    batches, and on a learned ``s_0`` (each decays by γ like ``h``). Returns the new state, the
-    new accumulators, the outer loss at the new params and, when ``with_direct``, its direct
-    gradient in λ (else ``None``: the outer VJP then skips the backward through λ, e.g. through
-    an ANIL body that only the last step needs).
+    The accumulator on a learned ``s_0`` takes ``α_1 A_1`` at the first step and decays by γ like
+    ``h``. Returns the new state and buffers, the new accumulator, the outer loss at the new params
+    and, when ``with_direct``, its direct gradient in λ (else ``None``: the outer VJP then skips the
+    backward through λ, e.g. through an ANIL body that only the last step needs).
     """
-    h = problem.h
-    s_new, vjp_fn = problem.step_vjp(prep, s, h, t, t + 1)
-    if with_direct:
-        loss, outer_vjp = torch.func.vjp(problem.outer, s_new, h)
-        alpha, direct = outer_vjp(torch.ones_like(loss))
-    else:
-        loss, outer_vjp = torch.func.vjp(lambda s_: problem.outer(s_, h), s_new)
-        (alpha,), direct = outer_vjp(torch.ones_like(loss)), None
-    ct_s, ct_h, ct_d = vjp_fn(alpha)
-    acc_h, acc_d, acc_s0 = acc
-    acc_h = add(scale(gamma, acc_h), ct_h)
-    acc_d = add(scale(gamma, acc_d), ct_d)
-    acc_s0 = add(scale(gamma, acc_s0), ct_s) if t == 0 else scale(gamma, acc_s0)
-    return s_new, (acc_h, acc_d, acc_s0), loss, direct
+    (s_new, b_new), pull = bound.run_vjp(s, b, t, t + 1)
+    loss, alpha, direct = bound.outer_vjp(s_new, b_new, with_direct)
+    ct_s, ct = pull(alpha)
+    s0 = add(scale(gamma, acc.s0), ct_s) if t == 0 else scale(gamma, acc.s0)
+    return s_new, b_new, Accumulator(acc.cot.times(gamma).plus(ct), s0), loss, direct
 
 
 def greedy_accumulate(gamma: float) -> Transform:
@@ -69,19 +66,71 @@ def greedy_accumulate(gamma: float) -> Transform:
     """
     gamma = check_gamma(gamma)
 
+    def algorithm(bound: Bound) -> Outcome:
+        s, b = bound.initial(), bound.buffers
+        acc = Accumulator(bound.zero_cotangent(), zeros_like(s))
+        for t in range(bound.loop.steps):
+            s, b, acc, loss, direct = greedy_step(bound, s, b, t, acc, gamma, t == bound.loop.steps - 1)
+        return Outcome(direct.plus(acc.cot), loss, s, b, acc.s0)
+
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
-        check_transform_args(loop, outer_loss)
-
-        def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
-            problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
-            prep = problem.prepared()
-            s, init_vjp = problem.initial()
-            acc = (zeros_like(problem.h), zeros_like(prep.d), zeros_like(s))
-            for t in range(loop.steps):
-                s, acc, loss, direct = greedy_step(problem, prep, s, t, acc, gamma, t == loop.steps - 1)
-            grads = problem.finish(prep, add(direct, acc[0]), acc[1], acc[2], init_vjp)
-            return problem.result(grads, loss, s)
-
-        return hg
+        return make_transform(algorithm, f"greedy_accumulate({gamma})", loop, outer_loss)
 
     return transform
+
+
+def accumulating(loop: InnerLoop, outer_loss: Loss, gamma: float) -> Online:
+    r"""Online accumulation: emit :math:`\partial_\lambda L_{out}(w_t) + h_t`,
+    :math:`h_t = \gamma h_{t-1} + \alpha_t B_t`.
+
+    The accumulator is a TensorDict keyed like the hyperparameters (a renamed or missing key is an
+    error, never another key's accumulator); ``prepare`` runs on each step's batch and its VJP
+    is taken in that step."""
+    session = Session.of(loop, outer_loss)
+
+    def init(hparams, params0, buffers=None) -> OnlineState:
+        return session.start(hparams, params0, buffers, lambda bound: build(bound.hkeys, bound.zeros_h()))
+
+    def step(state, hparams, batch, outer_batch, t):
+        bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
+        check_same_keys(state.extra, bound.hkeys, "state.extra (the accumulator)", "hparams")
+        previous = HyperCotangent(tuple(x.detach() for x in leaves_of(state.extra, bound.hkeys)), bound.zeros_d())
+        s, b, acc, loss, direct = greedy_step(
+            bound, s, bound.buffers, t, Accumulator(previous, zeros_like(s)), gamma, True
+        )
+        acc_h = bound.to_hparams(acc.cot)
+        result = bound.finish(Outcome(HyperCotangent(add(direct.h, acc_h), ()), loss, s, b, InitTerm.ABSENT))
+        return result, session.state(bound, s, b, t, build(bound.hkeys, acc_h))
+
+    return Online(init, step)
+
+
+def online_one_step(loop: InnerLoop, outer_loss: Loss) -> Online:
+    r"""Online one-step lookahead (Luketina et al. 2016): after step ``t`` emit
+    :math:`\partial_\lambda L_{out}(w_t) + \alpha_t B_t`, with :math:`B_t` at :math:`s_{t-1}`.
+
+    Cost per step: one step VJP and one outer gradient; memory O(|s|).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
+        >>> opt = hf.online.one_step(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    return accumulating(loop, outer_loss, 0.0)
+
+
+def online_greedy_accumulate(gamma: float) -> Callable[[InnerLoop, Loss], Online]:
+    r"""Online greedy accumulation (Yakovlev 2024, Eq. 6): after step ``t`` emit
+    :math:`\partial_\lambda L_{out}(w_t) + h_t`, :math:`h_t = \gamma h_{t-1} + \alpha_t B_t`.
+
+    With the hyperparameters held fixed, the emission after step ``T`` equals
+    :func:`hyperfunc.greedy_accumulate`. Cost per step: one step VJP and one outer gradient
+    (plus one VJP of ``prepare``); memory O(|s| + H).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
+        >>> opt = hf.online.greedy_accumulate(0.9)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    gamma = check_gamma(gamma)
+    return lambda loop, outer_loss: accumulating(loop, outer_loss, gamma)

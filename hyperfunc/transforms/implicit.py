@@ -3,16 +3,25 @@ r"""Implicit differentiation at the final iterate (IFT; Lorraine et al. 2020, Ra
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from tensordict import TensorDictBase
 
 from .. import linalg
-from .._tree import Leaves, add, axpy, scale
+from .._tree import Leaves, axpy
 from ..loop import InnerLoop, Loss
-from ._problem import Problem, check_int, check_transform_args
-from .reverse import HyperGradFn, Transform
+from .base import (
+    Bound,
+    HyperCotangent,
+    InitTerm,
+    Outcome,
+    Transform,
+    check_int,
+    check_transform_args,
+    make_transform,
+)
+from .reverse import HyperGradFn
 
 SOLVERS = ("neumann", "cg")
 
@@ -23,13 +32,14 @@ class ImplicitHyperGrad(NamedTuple):
     grads: TensorDictBase
     loss: torch.Tensor
     params: TensorDictBase
+    buffers: Any
     residual: torch.Tensor
 
 
 def _check_optimizer(loop: InnerLoop) -> float:
     """IFT needs a fixed point that does not depend on optimizer hyperparameters; returns its weight decay."""
     opt = loop.optimizer
-    if opt.name not in ("sgd", "adam"):
+    if not opt.stationary:
         raise ValueError(
             f"implicit differentiation needs a deterministic optimizer whose fixed points are stationary points "
             f"of the inner loss (sgd or adam), got {opt.name!r}; use unroll or langevin for SGLD"
@@ -40,7 +50,7 @@ def _check_optimizer(loop: InnerLoop) -> float:
             f"implicit differentiation cannot differentiate optimizer hyperparameters: {dynamic} depend on hparams, "
             "but the fixed point of the inner problem does not depend on them. Use unroll, forward or truncate"
         )
-    return opt.args.get("weight_decay", 0.0)
+    return opt.weight_decay
 
 
 def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: float = 0.0) -> Transform:
@@ -62,8 +72,9 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
 
     Limits: IFT assumes :math:`w_T` is a stationary point of the inner loss; it cannot
     differentiate optimizer hyperparameters (a learning rate that depends on ``hparams`` is an
-    error) and it has no :math:`w_0` term (a learned initialization gets no gradient from the
-    inner problem).
+    error) and it has no :math:`w_0` term: a learned ``params0`` is a ``ValueError`` unless the
+    transform is wrapped in :func:`hyperfunc.fomaml` or :func:`hyperfunc.reptile`. With module
+    buffers, the Hessian is taken at :math:`(w_T, \text{buffers}_T)`.
 
     Cost: ``T`` gradient steps, ``iters`` Hessian-vector products, one mixed VJP and one more
     product for the residual; memory O(|s| + H), flat in ``T``.
@@ -86,9 +97,12 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
         wd = _check_optimizer(loop)
         step = alpha
         if method == "neumann" and step is None:
-            if loop.optimizer.name != "sgd":
-                raise ValueError("implicit('neumann') needs alpha=... when the loop's optimizer is not sgd")
-            step = loop.optimizer.args["lr"]
+            if loop.optimizer.preconditioned:
+                raise ValueError(
+                    f"implicit('neumann') needs alpha=... when the loop's optimizer ({loop.optimizer.name}) rescales "
+                    "the gradient: its learning rate is not a step size for the Hessian"
+                )
+            step = loop.optimizer.lr
         solve = (
             (lambda mv, b: linalg.neumann(mv, b, iters, step))
             if method == "neumann"
@@ -96,29 +110,32 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
         )
         shift = damping if method == "neumann" else 0.0  # cg applies its damping itself
 
-        def hg(hparams, params0, inner_batches, outer_batch) -> ImplicitHyperGrad:
-            problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
-            prep = problem.prepared()
-            h, keys, last = problem.h, problem.pkeys, loop.steps - 1
-            sT = problem.run(problem.init_state(h), h, prep.rebuild(prep.d), 0, loop.steps)
-            w = sT[: len(keys)]
+        def algorithm(bound: Bound) -> Outcome:
+            prep, keys, last = bound.prep, bound.pkeys, loop.steps - 1
+            sT, bT = bound.run(bound.initial(), bound.buffers, bound.h, prep.rebuild(prep.d), 0, loop.steps)
+            w = bound.params(sT)
 
             def inner_grad(w: Leaves, h: Leaves, d: Leaves) -> Leaves:
-                g = loop.loss_grad(keys, w, problem.hparams(h), loop.batch_at(prep.rebuild(d), last))
+                batch = loop._batch_at(prep.rebuild(d), last)
+                g = loop._grad(keys, w, bound.hparams(h), batch, bT)[0]
                 return axpy(wd, w, g) if wd else g
 
             def hvp(v: Leaves) -> Leaves:
-                hv = torch.func.jvp(lambda w: inner_grad(w, h, prep.d), (w,), (v,))[1]
+                hv = torch.func.jvp(lambda w: inner_grad(w, bound.h, prep.d), (w,), (v,))[1]
                 return axpy(shift, v, hv) if shift else hv
 
-            loss, outer_vjp = torch.func.vjp(problem.outer, w, h)
-            g_w, g_h = outer_vjp(torch.ones_like(loss))
-            solution = solve(hvp, g_w)
-            mixed_h, mixed_d = torch.func.vjp(lambda h, d: inner_grad(w, h, d), h, prep.d)[1](solution.x)
-            grads = problem.finish(prep, add(g_h, scale(-1.0, mixed_h)), scale(-1.0, mixed_d), None, None)
-            result = problem.result(grads, loss, sT)
-            return ImplicitHyperGrad(*result, solution.residual)
+            loss, alpha_T, direct = bound.outer_vjp(sT, bT)
+            solution = solve(hvp, bound.params(alpha_T))
+            mixed_h, mixed_d = torch.func.vjp(lambda h, d: inner_grad(w, h, d), bound.h, prep.d)[1](solution.x)
+            mixed = HyperCotangent(mixed_h, mixed_d).times(-1.0)
+            return Outcome(direct.plus(mixed), loss, sT, bT, InitTerm.ABSENT, solution.residual)
 
-        return hg
+        return make_transform(
+            algorithm,
+            f"implicit({method!r})",
+            loop,
+            outer_loss,
+            lambda res, residual: ImplicitHyperGrad(*res, residual),
+        )
 
     return transform

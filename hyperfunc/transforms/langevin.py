@@ -3,6 +3,7 @@ r"""HPO-SGLD: hypergradients of an expectation over SGLD samples (Kim & Hospedal
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -10,21 +11,22 @@ import torch
 from .._tree import add, axpy, scale, zeros_like
 from ..loop import InnerLoop, Loss
 from ..optim import sgld
-from ._problem import HyperGrad, Problem, check_int, check_transform_args
-from .reverse import HyperGradFn, Transform
+from ._online import Online
+from .base import Bound, Outcome, Transform, check_int, check_transform_args, make_transform
+from .greedy import accumulating
+from .reverse import HyperGradFn
 
 
 def sampler(loop: InnerLoop, steps: int, tau: float, seed: Optional[int]) -> InnerLoop:
     """The loop re-run as ``steps`` SGLD steps at temperature ``tau`` with the loop's learning rate."""
     opt = loop.optimizer
-    plain_sgd = opt.name == "sgd" and not opt.buffers
-    if opt.name != "sgld" and not plain_sgd:
+    if not opt.langevin:
         raise ValueError(
             f"langevin needs a loop whose optimizer is plain SGD (no momentum) or hf.optim.sgld, got {opt.name!r}"
             + (" with momentum" if opt.name == "sgd" else "")
             + "; HPO-SGLD's recursion (Eq. 22) is derived for the Langevin update"
         )
-    new = sgld(opt.args["lr"], temperature=tau, seed=seed or 0, weight_decay=opt.args.get("weight_decay", 0.0))
+    new = sgld(opt.lr, temperature=tau, seed=seed or 0, weight_decay=opt.weight_decay)
     return dataclasses.replace(loop, optimizer=new, steps=steps)
 
 
@@ -34,6 +36,33 @@ def check_langevin_args(tau: Any, seed: Any) -> tuple[float, Optional[int]]:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     return float(tau), seed
+
+
+def langevin_pass(bound: Bound, B: int, M: int) -> Outcome:
+    r"""Eqs. (22)-(25) over ``B + M`` steps of the bound (SGLD) loop; see :func:`langevin`."""
+    s, b = bound.initial(), bound.buffers
+    with_init = bound.learned_init and bound.exact_init
+
+    def alpha_of(x, b):
+        return bound.outer_vjp(x, b, with_h=False)[1]
+
+    # g_m = G·(dλ, dd/dλ) + G_0·(dθ_0/dλ); H, H_0 are their averages over the last M samples
+    G, G_0 = bound.zero_cotangent(), (alpha_of(s, b) if with_init else zeros_like(s))
+    H, H_0 = bound.zero_cotangent(), zeros_like(s)
+    for m in range(1, B + M + 1):
+        (s_new, b_new), pull = bound.run_vjp(s, b, m - 1, m)
+        loss, alpha, direct = bound.outer_vjp(s_new, b_new)
+        ct_s, ct = pull(alpha)
+        G = G.plus(ct)
+        if with_init:
+            delta = axpy(-1.0, s, s_new)
+            hvp = torch.func.jvp(lambda x: alpha_of(x, b), (s,), (delta,))[1]
+            G_0 = add(G_0, add(hvp, axpy(-1.0, alpha, ct_s)))
+        if m > B:
+            H = H.plus(direct.plus(G).times(1.0 / M))
+            H_0 = add(H_0, scale(1.0 / M, G_0))
+        s, b = s_new, b_new
+    return Outcome(H, loss, s, b, H_0)
 
 
 def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transform:
@@ -80,32 +109,30 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         check_transform_args(loop, outer_loss)
         chain = sampler(loop, B + M, tau, seed)
+        return make_transform(lambda bound: langevin_pass(bound, B, M), "langevin", chain, outer_loss)
 
-        def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
-            problem = Problem.bind(chain, outer_loss, hparams, params0, inner_batches, outer_batch)
-            prep = problem.prepared()
-            h = problem.h
-            s, init_vjp = problem.initial()
-            grad_f = torch.func.grad_and_value(problem.outer, argnums=(0, 1))
-            # g_m = G_h + G_d·(dd/dλ) + G_0·(dθ_0/dλ); H_* are their averages over the last M samples
-            G_h, G_d = zeros_like(h), zeros_like(prep.d)
-            G_0 = grad_f(s, h)[0][0] if init_vjp is not None else zeros_like(s)
-            H_h, H_d, H_0 = zeros_like(h), zeros_like(prep.d), zeros_like(s)
-            for m in range(1, B + M + 1):
-                s_new, step_vjp = problem.step_vjp(prep, s, h, m - 1, m)
-                (alpha, direct), loss = grad_f(s_new, h)
-                ct_s, ct_h, ct_d = step_vjp(alpha)
-                G_h, G_d = add(G_h, ct_h), add(G_d, ct_d)
-                if init_vjp is not None:
-                    delta = axpy(-1.0, s, s_new)
-                    hvp = torch.func.jvp(lambda x: grad_f(x, h)[0][0], (s,), (delta,))[1]
-                    G_0 = add(G_0, add(hvp, axpy(-1.0, alpha, ct_s)))
-                if m > B:
-                    H_h = add(H_h, scale(1.0 / M, add(direct, G_h)))
-                    H_d, H_0 = add(H_d, scale(1.0 / M, G_d)), add(H_0, scale(1.0 / M, G_0))
-                s = s_new
-            return problem.result(problem.finish(prep, H_h, H_d, H_0, init_vjp), loss, s)
+    return transform
 
-        return hg
+
+def online_langevin(tau: float, seed: int | None = None) -> Callable[[InnerLoop, Loss], Online]:
+    r"""Online HPO-SGLD (Kim & Hospedales, Algorithm 1, Eqs. 22-24): step ``m`` is an SGLD step
+    :math:`\theta_m = \theta_{m-1} - \eta\nabla L_{in} + \sqrt{2\eta\tau}\,z` and emits the Eq. (25)
+    summand :math:`\partial_\lambda L_{out}(\theta_m) + g_m` with
+    :math:`g_m = g_{m-1} + \nabla L_{out}(\theta_m)\,\partial\Phi/\partial\lambda`.
+
+    With fixed hyperparameters, the mean of the emissions of steps ``B+1..B+M`` equals
+    :func:`hyperfunc.langevin` ``(B, M, tau, seed)``. Cost per step: one step VJP and one outer
+    gradient; memory O(|s| + H).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=1)
+        >>> opt = hf.online.langevin(tau=1e-3, seed=0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    tau, seed = check_langevin_args(tau, seed)
+
+    def transform(loop: InnerLoop, outer_loss: Loss) -> Online:
+        check_transform_args(loop, outer_loss)
+        return accumulating(sampler(loop, 1, tau, seed), outer_loss, 1.0)
 
     return transform

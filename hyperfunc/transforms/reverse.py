@@ -7,52 +7,47 @@ optionally split into checkpointed segments whose VJPs are chained from the last
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from .._tree import Leaves, add
+from .._tree import Leaves
 from ..loop import InnerLoop, Loss
-from ._problem import HyperGrad, Problem, check_int, check_transform_args
+from .base import HyperCotangent, HyperGradFunction, InitTerm, Outcome, Transform, check_int, make_transform
 
-#: ``hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad``
-HyperGradFn = Callable[[Any, Any, Any, Any], HyperGrad]
-#: ``transform(loop, outer_loss) -> hg``, what ``truncate(K)`` and the other factories return.
-Transform = Callable[[InnerLoop, Loss], HyperGradFn]
+#: ``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``
+HyperGradFn = HyperGradFunction
 
 
-def reverse_hypergrad(problem: Problem, depth: int, every: Optional[int] = None) -> HyperGrad:
+def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
     """The truncated reverse pass over the last ``depth`` steps, in segments of ``every`` steps.
 
-    ``depth = T`` is the exact hypergradient, including the term through a learned ``w_0``.
+    ``depth >= T`` is the exact hypergradient, including the term through a learned ``w_0``; with
+    buffers, every segment's buffers are stored beside its checkpoint and replayed.
     """
-    loop, h = problem.loop, problem.h
-    steps = loop.steps
+    steps = bound.loop.steps
     first = steps - min(depth, steps)
-    prep = problem.prepared()
-    batches = prep.rebuild(prep.d)
-    if first == 0:
-        s, init_vjp = problem.initial()
-    else:
-        s, init_vjp = problem.run(problem.init_state(h), h, batches, 0, first), None
+    batches = bound.prep.rebuild(bound.prep.d)
+    s, b = bound.run(bound.initial(), bound.buffers, bound.h, batches, 0, first)
     every = every or max(steps - first, 1)
     starts = list(range(first, steps, every)) or [first]
     stops = starts[1:] + [steps]
-    checkpoints = [s]
-    for a, b in zip(starts[:-1], stops[:-1]):
-        checkpoints.append(problem.run(checkpoints[-1], h, batches, a, b))
+    checkpoints = [(s, b)]
+    for start, stop in zip(starts[:-1], stops[:-1]):
+        checkpoints.append(bound.run(*checkpoints[-1], bound.h, batches, start, stop))
+    s_last, b_last = checkpoints[-1]
 
     def tail(s: Leaves, h: Leaves, d: Leaves):
-        s = problem.run(s, h, prep.rebuild(d), starts[-1], steps)
-        return problem.outer(s, h), s
+        s, b = bound.run(s, b_last, h, bound.prep.rebuild(d), starts[-1], steps)
+        return bound.outer(s, b, h), (s, b)
 
-    loss, vjp_fn, final = torch.func.vjp(tail, checkpoints[-1], h, prep.d, has_aux=True)
+    loss, vjp_fn, (final, b_final) = torch.func.vjp(tail, s_last, bound.h, bound.prep.d, has_aux=True)
     ct_s, ct_h, ct_d = vjp_fn(torch.ones_like(loss))
-    for a, b, s in zip(reversed(starts[:-1]), reversed(stops[:-1]), reversed(checkpoints[:-1])):
-        ct_s, ct_hs, ct_ds = problem.step_vjp(prep, s, h, a, b)[1](ct_s)
-        ct_h, ct_d = add(ct_h, ct_hs), add(ct_d, ct_ds)
-    return problem.result(problem.finish(prep, ct_h, ct_d, ct_s, init_vjp), loss, final)
+    cot = HyperCotangent(ct_h, ct_d)
+    for start, stop, (s, b) in zip(reversed(starts[:-1]), reversed(stops[:-1]), reversed(checkpoints[:-1])):
+        ct_s, ct = bound.run_vjp(s, b, start, stop)[1](ct_s)
+        cot = cot.plus(ct)
+    return Outcome(cot, loss, final, b_final, ct_s if first == 0 else InitTerm.ABSENT)
 
 
 def interpolate(s0: Leaves, sT: Leaves, c: float) -> Leaves:
@@ -60,26 +55,25 @@ def interpolate(s0: Leaves, sT: Leaves, c: float) -> Leaves:
     return tuple((1 - c) * a + c * b for a, b in zip(s0, sT))
 
 
-def drmad_pass(problem: Problem, prep, s0: Leaves, sT: Leaves, on_step=None):
+def drmad_pass(bound, s0: Leaves, sT: Leaves, bT, on_step=None):
     r"""DrMAD's backward travel (HyperDistill Algorithm 2) over ``ŝ_{t-1} = (1-(t-1)/T) s_0 + ((t-1)/T) s_T``.
 
-    Returns the outer loss, and the cotangents on ``h``, on the prepared batches and on ``s_0``.
-    ``on_step(t, s_hat, second_h, second_d, alpha_T)`` is called after each step ``t = T..1`` with
-    the interpolated state ``ŝ_{t-1}`` and the partial second-order sum over the horizon
-    ``s = T - t + 1`` (HyperDistill Eq. 16), split into its cotangents on ``h`` and on the batches.
+    Returns the outer loss, the cotangent on ``(λ, d)`` and the cotangent on ``s_0``. Module
+    buffers are not interpolated (integer counters cannot be): every backward step runs with the
+    final buffers ``bT``. ``on_step(t, s_hat, second, alpha_T)`` is called after each step
+    ``t = T..1`` with the interpolated state ``ŝ_{t-1}`` and the partial second-order sum over the
+    horizon ``s = T - t + 1`` (HyperDistill Eq. 16) as a :class:`HyperCotangent`.
     """
-    h, steps = problem.h, problem.loop.steps
-    loss, vjp_fn = torch.func.vjp(problem.outer, sT, h)
-    alpha_T, ct_h = vjp_fn(torch.ones_like(loss))
-    ct_s, ct_d = alpha_T, tuple(torch.zeros_like(x) for x in prep.d)
-    second = tuple(torch.zeros_like(x) for x in h)
+    steps = bound.loop.steps
+    loss, alpha_T, direct = bound.outer_vjp(sT, bT)
+    ct_s, second = alpha_T, bound.zero_cotangent()
     for t in range(steps, 0, -1):
         s_hat = interpolate(s0, sT, (t - 1) / steps)
-        ct_s, ct_hs, ct_ds = problem.step_vjp(prep, s_hat, h, t - 1, t)[1](ct_s)
-        second, ct_d = add(second, ct_hs), add(ct_d, ct_ds)
+        ct_s, ct = bound.run_vjp(s_hat, bT, t - 1, t)[1](ct_s)
+        second = second.plus(ct)
         if on_step is not None:
-            on_step(t, s_hat, second, ct_d, alpha_T)
-    return loss, add(ct_h, second), ct_d, ct_s
+            on_step(t, s_hat, second, alpha_T)
+    return loss, direct.plus(second), ct_s
 
 
 def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = None) -> HyperGradFn:
@@ -116,15 +110,9 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
         >>> res.grads["l2"].round(decimals=4)  # d/dl2 of (1/(1+l2))^2 at l2 = 1
         tensor(-0.2500)
     """
-    check_transform_args(loop, outer_loss)
     if checkpoint_every is not None:
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
-
-    def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
-        problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
-        return reverse_hypergrad(problem, loop.steps, checkpoint_every)
-
-    return hg
+    return make_transform(lambda bound: reverse_pass(bound, loop.steps, checkpoint_every), "unroll", loop, outer_loss)
 
 
 def truncate(K: int) -> Transform:
@@ -148,13 +136,7 @@ def truncate(K: int) -> Transform:
     K = check_int(K, "K", 0)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
-        check_transform_args(loop, outer_loss)
-
-        def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
-            problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
-            return reverse_hypergrad(problem, K)
-
-        return hg
+        return make_transform(lambda bound: reverse_pass(bound, K), f"truncate({K})", loop, outer_loss)
 
     return transform
 
@@ -212,14 +194,11 @@ def drmad(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.drmad(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
-    check_transform_args(loop, outer_loss)
 
-    def hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad:
-        problem = Problem.bind(loop, outer_loss, hparams, params0, inner_batches, outer_batch)
-        prep = problem.prepared()
-        s0, init_vjp = problem.initial()
-        sT = problem.run(s0, problem.h, prep.rebuild(prep.d), 0, loop.steps)
-        loss, ct_h, ct_d, ct_s0 = drmad_pass(problem, prep, s0, sT)
-        return problem.result(problem.finish(prep, ct_h, ct_d, ct_s0, init_vjp), loss, sT)
+    def algorithm(bound) -> Outcome:
+        s0 = bound.initial()
+        sT, bT = bound.run(s0, bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), 0, loop.steps)
+        loss, cot, ct_s0 = drmad_pass(bound, s0, sT, bT)
+        return Outcome(cot, loss, sT, bT, ct_s0)
 
-    return hg
+    return make_transform(algorithm, "drmad", loop, outer_loss)

@@ -1,0 +1,78 @@
+"""What the online variants share: their state, their ``init``/``step`` pair, and binding a step.
+
+Each online variant lives next to its offline transform and is an algorithm over the same
+:class:`~hyperfunc.transforms.base.Bound` protocol, bound on one step's batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from tensordict import TensorDictBase
+
+from .._tree import Leaves, check_tensordict
+from ..loop import InnerLoop, Loss
+from .base import Bound, HyperGrad, check_int, check_transform_args
+
+
+class OnlineState(NamedTuple):
+    """The state between online steps.
+
+    Attributes:
+        inner: the inner optimizer's state TensorDict ``{"params", <buffers>, "step"}``.
+        extra: the method's running quantities (tensors), e.g. the accumulated hypergradient.
+        buffers: the module buffers, carried like the params (``()`` when ``init`` got none).
+    """
+
+    inner: TensorDictBase
+    extra: Any
+    buffers: Any = ()
+
+
+class Online(NamedTuple):
+    """``init(hparams, params0, buffers=None) -> state`` and
+    ``step(state, hparams, batch, outer_batch, t) -> (HyperGrad, state)``."""
+
+    init: Callable[..., OnlineState]
+    step: Callable[[OnlineState, TensorDictBase, Any, Any, int], tuple[HyperGrad, OnlineState]]
+
+
+class Session(NamedTuple):
+    """A loop and outer loss checked once for online use (the loop reads one batch per step)."""
+
+    loop: InnerLoop
+    outer_loss: Loss
+
+    @classmethod
+    def of(cls, loop: Any, outer_loss: Any) -> Session:
+        check_transform_args(loop, outer_loss)
+        return cls(dataclasses.replace(loop, full_batch=True), outer_loss)
+
+    def start(self, hparams: Any, params0: Any, buffers: Any, extra: Callable[[Bound], Any]) -> OnlineState:
+        """Validate the inputs once and build the first state, with ``extra(bound)`` as running quantities."""
+        if not isinstance(params0, TensorDictBase):
+            raise TypeError(
+                "online methods need params0 as a TensorDict (the hyperparameters change during the inner run, so "
+                "an initialization learned by hypergradient needs an offline transform, or hf.reptile outside), "
+                f"got {type(params0).__name__}"
+            )
+        check_tensordict(hparams, "hparams")
+        check_tensordict(params0, "params0")
+        bound = Bound.bind(self.loop, self.outer_loss, hparams, params0, (params0,), None, buffers)
+        inner = self.loop.optimizer.init(params0.detach())
+        return OnlineState(inner, extra(bound), bound.buffers)
+
+    def bind(self, state: Any, hparams: Any, batch: Any, outer_batch: Any, t: Any) -> tuple[Bound, Leaves, int]:
+        """The problem of one step (``t`` 0-based) on its batch, and the flat optimizer state."""
+        if not isinstance(state, OnlineState):
+            raise TypeError(f"state must be the OnlineState returned by init or step, got {type(state).__name__}")
+        t = check_int(t, "t", 0)
+        params = state.inner.get("params")
+        bound = Bound.bind(self.loop, self.outer_loss, hparams, params, batch, outer_batch, state.buffers)
+        return bound, self.loop.optimizer._state_leaves(state.inner, bound.pkeys), t
+
+    def state(self, bound: Bound, s: Leaves, b: Any, t: int, extra: Any) -> OnlineState:
+        """The state after step ``t``."""
+        return OnlineState(self.loop.optimizer._state_dict(s, bound.pkeys, t + 1), extra, b)

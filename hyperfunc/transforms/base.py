@@ -1,0 +1,433 @@
+r"""The one protocol every transform is written against.
+
+A hypergradient call ``hg(hparams, params0, inner_batches, outer_batch, buffers=None)`` is bound
+once into a :class:`Bound` problem that exposes the mathematical objects of DESIGN.md as pure
+functions of flat tuples of tensors:
+
+- ``h``: the hyperparameter leaves :math:`\lambda`; ``d``: the floating leaves of the prepared
+  inner batches (the output of ``prepare``); ``s``: the optimizer state :math:`s_t` (params first,
+  then the optimizer's buffers; :meth:`Bound.params` reads the params); ``b``: the module buffers
+  (a TensorDict, or None), carried beside ``s`` and never differentiated.
+- :meth:`Bound.initial` :math:`s_0(\lambda)`, :meth:`Bound.run` the step map :math:`\Phi`,
+  :meth:`Bound.run_vjp` its VJP on :math:`(s, \lambda, d)`, :meth:`Bound.outer_vjp` the outer loss
+  and its gradient :math:`\alpha`; forward mode uses :meth:`Bound.run` inside ``torch.func.jvp``.
+
+A transform is an *algorithm* ``algorithm(bound) -> Outcome``: its cotangent on ``(λ, d)`` as one
+:class:`HyperCotangent`, and its cotangent on :math:`s_0` (or a statement that its formula has
+none). :meth:`Bound.finish` is the single pullback that adds, for every transform, the term
+through ``prepare`` (one VJP), the term through a learned initialization :math:`w_0(\lambda)`
+(according to the :class:`HyperGradFunction`'s init rule), and returns the buffers.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+import torch.utils._pytree as pytree
+from tensordict import TensorDictBase
+
+from .._tree import Keys, Leaves, add, build, check_same_keys, check_tensordict, keys_of, leaves_of, scale
+from ..loop import InnerLoop, Loss, call_loss, module_buffers
+
+
+class HyperGrad(NamedTuple):
+    """What a hypergradient function returns.
+
+    Attributes:
+        grads: the hypergradient, a TensorDict with exactly the keys and shapes of ``hparams``.
+        loss: the outer loss at the final inner params (scalar tensor).
+        params: the final inner params :math:`w_T` (TensorDict).
+        buffers: the module buffers after the ``T`` inner steps; ``()`` when ``hg`` got none (``vmap``
+            cannot return None; passing ``()`` back as ``buffers=`` means "no buffers" too).
+    """
+
+    grads: TensorDictBase
+    loss: torch.Tensor
+    params: TensorDictBase
+    buffers: Any = ()
+
+
+def check_int(value: Any, name: str, low: int) -> int:
+    """Raise unless ``value`` is an integer ``>= low``; return it as an int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_transform_args(loop: Any, outer_loss: Any) -> None:
+    if not isinstance(loop, InnerLoop):
+        raise TypeError(f"loop must be a hyperfunc.InnerLoop, got {type(loop).__name__}")
+    if not callable(outer_loss):
+        raise TypeError(f"outer_loss must be a function (params, hparams, batch) -> scalar, got {outer_loss!r}")
+
+
+class HyperCotangent(NamedTuple):
+    """A cotangent on the hyperparameters ``h`` and on the prepared batches ``d``, kept together so
+    that no transform can drop the ``prepare`` term; :meth:`Bound.finish` pulls ``d`` back."""
+
+    h: Leaves
+    d: Leaves
+
+    def plus(self, other: HyperCotangent) -> HyperCotangent:
+        return HyperCotangent(add(self.h, other.h), add(self.d, other.d))
+
+    def times(self, a: Any) -> HyperCotangent:
+        return HyperCotangent(scale(a, self.h), scale(a, self.d))
+
+
+class InitTerm(enum.Enum):
+    """What an algorithm says about the term through :math:`s_0` instead of a cotangent."""
+
+    ABSENT = "its formula has no w_0 term"
+    INCLUDED = "already inside the cotangent on λ (forward mode)"
+
+
+class Outcome(NamedTuple):
+    """What an algorithm returns: the cotangent on ``(λ, d)``, the outer loss, the final optimizer
+    state and buffers, ``ct_s0`` (the cotangent on :math:`s_0`, or an :class:`InitTerm`), and the
+    algorithm's diagnostics (``aux``, handed to the transform's ``output``)."""
+
+    cot: HyperCotangent
+    loss: torch.Tensor
+    s: Leaves
+    b: Any
+    ct_s0: Union[Leaves, InitTerm]
+    aux: Any = None
+
+
+class Prepared(NamedTuple):
+    """The prepared inner batches: floating leaves ``d``, ``rebuild(d) -> batches``, and prepare's VJP."""
+
+    d: Leaves
+    rebuild: Callable[[Leaves], Any]
+    vjp: Optional[Callable]
+
+
+#: ``algorithm(bound) -> Outcome``: a transform's math over the protocol.
+Algorithm = Callable[["Bound"], Outcome]
+#: ``init_rule(bound, outcome) -> cotangent on s_0``, for an algorithm without an exact w_0 term.
+InitRule = Callable[["Bound", Outcome], Leaves]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One hypergradient call's problem in flat form (see the module docstring)."""
+
+    loop: InnerLoop
+    outer_loss: Loss
+    hkeys: Keys
+    pkeys: Keys
+    h: Leaves
+    params0: Any
+    batches: Any
+    outer_batch: Any
+    buffers: Any  # a TensorDict, or () for none
+    exact_init: bool = True
+
+    @classmethod
+    def bind(
+        cls,
+        loop: InnerLoop,
+        outer_loss: Loss,
+        hparams: Any,
+        params0: Any,
+        inner_batches: Any,
+        outer_batch: Any,
+        buffers: Any = None,
+        exact_init: bool = True,
+    ) -> Bound:
+        """Validate the inputs of a hypergradient call and flatten them (inputs are detached, never mutated)."""
+        check_tensordict(hparams, "hparams")
+        hparams = hparams.detach()
+        loop._check_batches(inner_batches)
+        if isinstance(params0, TensorDictBase):
+            check_tensordict(params0, "params0")
+            params0 = p0 = params0.detach()
+        elif callable(params0):
+            p0 = params0(hparams)
+            check_tensordict(p0, "params0(hparams)")
+        else:
+            raise TypeError(
+                f"params0 must be a TensorDict or a function hparams -> TensorDict, got {type(params0).__name__}"
+            )
+        if buffers is None or (isinstance(buffers, tuple) and not buffers):
+            buffers = ()  # "no buffers" (torch.func and vmap refuse None as an output)
+        elif isinstance(buffers, TensorDictBase):
+            buffers = buffers.detach()
+        else:
+            raise TypeError(
+                f"buffers must be None or a TensorDict (the second output of hf.module_state), "
+                f"got {type(buffers).__name__}"
+            )
+        hkeys = keys_of(hparams)
+        h = leaves_of(hparams, hkeys)
+        return cls(loop, outer_loss, hkeys, keys_of(p0), h, params0, inner_batches, outer_batch, buffers, exact_init)
+
+    # -- the pieces, as pure functions of flat tuples -------------------------------------------
+    def hparams(self, h: Leaves) -> TensorDictBase:
+        return build(self.hkeys, h)
+
+    def params(self, s: Leaves) -> Leaves:
+        """The params :math:`w` held in an optimizer state :math:`s` (the rest are optimizer buffers)."""
+        return s[: len(self.pkeys)]
+
+    @property
+    def learned_init(self) -> bool:
+        """True when ``params0`` is a function of the hyperparameters."""
+        return not isinstance(self.params0, TensorDictBase)
+
+    def init_state(self, h: Leaves) -> Leaves:
+        r"""The flat initial state :math:`s_0 = \text{opt.init}(w_0(\lambda))`."""
+        if self.learned_init:
+            p0 = self.params0(self.hparams(h))
+            check_same_keys(p0, self.pkeys, "params0(hparams)", "its first evaluation")
+        else:
+            p0 = self.params0
+        return self.loop.optimizer._init_leaves(leaves_of(p0, self.pkeys))
+
+    def initial(self) -> Leaves:
+        r""":math:`s_0` at the bound hyperparameters."""
+        return self.init_state(self.h)
+
+    def run(self, s: Leaves, b: Any, h: Leaves, batches: Any, start: int, stop: int) -> tuple[Leaves, Any]:
+        """Inner steps ``start..stop-1`` from ``(s, b)`` on prepared ``batches``: ``(s, b)`` after them."""
+        hparams = self.hparams(h)
+        for t in range(start, stop):
+            s, b = self.loop._step(self.pkeys, s, b, hparams, self.loop._batch_at(batches, t), t)
+        return s, b
+
+    def step_on(self, s: Leaves, b: Any, h: Leaves, batch: Any, t: int) -> tuple[Leaves, Any]:
+        """One inner step (optimizer step index ``t``) on an explicit ``batch``."""
+        return self.loop._step(self.pkeys, s, b, self.hparams(h), batch, t)
+
+    def run_vjp(self, s: Leaves, b: Any, start: int, stop: int):
+        r"""Steps ``start..stop-1`` and their VJP: ``((s', b'), pull)`` with
+        ``pull(ct_s') -> (ct_s, HyperCotangent)``, the products :math:`\bar s A` and :math:`\bar s B`."""
+        prep = self.prep
+
+        def fn(s, h, d):
+            return self.run(s, b, h, prep.rebuild(d), start, stop)
+
+        s_new, vjp_fn, b_new = torch.func.vjp(fn, s, self.h, prep.d, has_aux=True)
+
+        def pull(ct_s: Leaves) -> tuple[Leaves, HyperCotangent]:
+            ct_s, ct_h, ct_d = vjp_fn(ct_s)
+            return ct_s, HyperCotangent(ct_h, ct_d)
+
+        return (s_new, b_new), pull
+
+    def outer(self, s: Leaves, b: Any, h: Leaves) -> torch.Tensor:
+        r""":math:`L_{out}(w, \lambda; D_{val})` for the params held in state ``s`` (its buffer update is dropped)."""
+        params = build(self.pkeys, self.params(s))
+        return call_loss(self.outer_loss, "outer_loss", params, self.hparams(h), self.outer_batch, module_buffers(b))[0]
+
+    def outer_vjp(self, s: Leaves, b: Any, with_h: bool = True):
+        r"""``(loss, α, direct)``: :math:`L_{out}`, :math:`\alpha = \partial L_{out}/\partial s` and, when
+        ``with_h``, the direct term :math:`\partial_\lambda L_{out}` as a :class:`HyperCotangent` (else None,
+        which skips the backward through λ)."""
+        if with_h:
+            loss, fn = torch.func.vjp(lambda s, h: self.outer(s, b, h), s, self.h)
+            alpha, ct_h = fn(torch.ones_like(loss))
+            return loss, alpha, HyperCotangent(ct_h, self.zeros_d())
+        loss, fn = torch.func.vjp(lambda s: self.outer(s, b, self.h), s)
+        return loss, fn(torch.ones_like(loss))[0], None
+
+    def zeros_h(self) -> Leaves:
+        return tuple(torch.zeros_like(x) for x in self.h)
+
+    def zeros_d(self) -> Leaves:
+        return tuple(torch.zeros_like(x) for x in self.prep.d)
+
+    def zero_cotangent(self) -> HyperCotangent:
+        return HyperCotangent(self.zeros_h(), self.zeros_d())
+
+    # -- prepared batches ----------------------------------------------------------------------
+    @functools.cached_property
+    def prep(self) -> Prepared:
+        """``prepare`` evaluated once, with its VJP kept (identity when the loop has no ``prepare``)."""
+        if self.loop.prepare is None:
+            return Prepared((), lambda d: self.batches, None)
+        fn, rebuild_with = self.prepare_fn()
+        d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
+        return Prepared(d, rebuild_with(others), vjp_fn)
+
+    def prepare_fn(self) -> tuple[Callable, Callable]:
+        """``fn(h) -> (d, others)``: the floating leaves of prepare's output and its other tensors
+        (returned as ``aux`` of a VJP/JVP); ``rebuild_with(others)(d)`` reassembles the batches."""
+        layout: list = []
+
+        def fn(h: Leaves):
+            out = self.loop._prepared(self.hparams(h), self.batches)
+            leaves, spec = pytree.tree_flatten(out)
+            diff = [torch.is_tensor(x) and x.is_floating_point() for x in leaves]
+            layout[:] = [spec, diff, [None if f else x for x, f in zip(leaves, diff)]]
+            others = tuple(x for x, f in zip(leaves, diff) if not f and torch.is_tensor(x))
+            return tuple(x for x, f in zip(leaves, diff) if f), others
+
+        def rebuild_with(others: Leaves) -> Callable[[Leaves], Any]:
+            def rebuild(d: Leaves) -> Any:
+                spec, diff, fixed = layout
+                floats, rest = iter(d), iter(others)
+                leaves = [next(floats) if f else next(rest) if torch.is_tensor(x) else x for x, f in zip(fixed, diff)]
+                return pytree.tree_unflatten(leaves, spec)
+
+            return rebuild
+
+        return fn, rebuild_with
+
+    # -- the single pullback ---------------------------------------------------------------------
+    def to_hparams(self, cot: HyperCotangent) -> Leaves:
+        """A cotangent on ``(h, d)`` as one on ``h``: ``d`` pulled back through ``prepare`` (one VJP)."""
+        if not cot.d or self.loop.prepare is None:
+            return cot.h
+        return add(cot.h, self.prep.vjp(cot.d)[0])
+
+    def init_vjp(self, ct_s0: Leaves) -> Leaves:
+        r"""The learned-initialization term :math:`\bar s_0\, ds_0/d\lambda`."""
+        return torch.func.vjp(self.init_state, self.h)[1](ct_s0)[0]
+
+    def finish(self, out: Outcome, init_rule: Optional[InitRule] = None, name: str = "this transform") -> HyperGrad:
+        """The hypergradient from an algorithm's outcome: ``cot`` pulled back through ``prepare``, plus
+        the learned-initialization term (the algorithm's own, or ``init_rule``'s), plus the buffers."""
+        grads = self.to_hparams(out.cot)
+        if self.learned_init:
+            ct_s0 = out.ct_s0
+            if init_rule is not None:
+                ct_s0 = init_rule(self, out)
+            elif ct_s0 is InitTerm.ABSENT:
+                raise ValueError(
+                    f"{name} has no term through a learned initialization (params0 is a function of hparams), so "
+                    "its gradient would be silently zero. Use a transform whose formula has it (hf.unroll, "
+                    "hf.truncate(K >= steps), hf.forward, hf.drmad, hf.greedy_accumulate, hf.langevin), or name "
+                    "an approximation: hf.fomaml(transform) (dw_T/dw_0 ≈ I) or hf.reptile(transform)"
+                )
+            if ct_s0 is not InitTerm.INCLUDED:
+                grads = add(grads, self.init_vjp(ct_s0))
+        params = build(self.pkeys, self.params(out.s))
+        return HyperGrad(build(self.hkeys, grads), out.loss, params, out.b)
+
+
+@dataclass(frozen=True)
+class HyperGradFunction:
+    """``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``: an algorithm bound
+    to a loop and an outer loss. Every transform returns one; it is a pure function of its inputs.
+
+    ``init_rule`` (set by :func:`fomaml` and :func:`reptile`) replaces the algorithm's term through a
+    learned ``params0``; ``output(result, aux)`` adds an algorithm's diagnostics to the
+    :class:`HyperGrad` (``implicit``'s residual); ``loop`` and ``outer_loss`` are the transform's.
+    """
+
+    loop: InnerLoop
+    outer_loss: Loss
+    algorithm: Algorithm
+    name: str
+    output: Optional[Callable[[HyperGrad, Any], Any]] = None
+    init_rule: Optional[InitRule] = field(default=None)
+
+    def __call__(self, hparams, params0, inner_batches, outer_batch, buffers=None):
+        bound = self.bind(hparams, params0, inner_batches, outer_batch, buffers)
+        out = self.algorithm(bound)
+        result = bound.finish(out, self.init_rule, self.name)
+        return result if self.output is None else self.output(result, out.aux)
+
+    def bind(self, hparams, params0, inner_batches, outer_batch, buffers=None) -> Bound:
+        """The bound problem of one call (what the algorithm receives)."""
+        return Bound.bind(
+            self.loop, self.outer_loss, hparams, params0, inner_batches, outer_batch, buffers, self.init_rule is None
+        )
+
+
+def make_transform(
+    algorithm: Algorithm, name: str, loop: InnerLoop, outer_loss: Loss, output: Optional[Callable] = None
+) -> HyperGradFunction:
+    """Check a transform's arguments and bind ``algorithm`` to them."""
+    check_transform_args(loop, outer_loss)
+    return HyperGradFunction(loop, outer_loss, algorithm, name, output)
+
+
+#: ``transform(loop, outer_loss) -> hg``, what ``truncate(K)`` and the other factories return.
+Transform = Callable[[InnerLoop, Loss], HyperGradFunction]
+
+
+def _with_init_rule(transform: Transform, rule: InitRule, wrapper: str) -> Transform:
+    if not callable(transform):
+        raise TypeError(f"{wrapper} takes a transform (e.g. hf.first_order or hf.truncate(5)), got {transform!r}")
+
+    def wrapped(loop: InnerLoop, outer_loss: Loss) -> HyperGradFunction:
+        hg = transform(loop, outer_loss)
+        if not isinstance(hg, HyperGradFunction):
+            raise TypeError(f"{wrapper} needs a hyperfunc transform, got one returning {type(hg).__name__}")
+        return replace(hg, init_rule=rule, name=f"{wrapper}({hg.name})")
+
+    return wrapped
+
+
+def _fomaml_rule(bound: Bound, out: Outcome) -> Leaves:
+    alpha = bound.outer_vjp(out.s, out.b, with_h=False)[1]
+    return bound.params(alpha) + tuple(torch.zeros_like(x) for x in out.s[len(bound.pkeys) :])
+
+
+def _reptile_rule(bound: Bound, out: Outcome) -> Leaves:
+    s0 = bound.initial()
+    return tuple(a - b for a, b in zip(bound.params(s0), bound.params(out.s))) + tuple(
+        torch.zeros_like(x) for x in s0[len(bound.pkeys) :]
+    )
+
+
+def fomaml(transform: Transform) -> Transform:
+    r"""First-order MAML (Finn et al. 2017, Sec. 5.2) for a learned initialization: ``transform``
+    with its term through :math:`w_0(\lambda)` replaced by the approximation
+    :math:`dw_T/dw_0 \approx I`,
+
+    .. math::
+        \frac{dF}{d\lambda} \approx (\text{transform's other terms})
+        + \nabla_w L_{out}(w_T)\, \frac{dw_0}{d\lambda}.
+
+    ``hf.fomaml(hf.first_order)`` is FOMAML proper (with ``params0 = lambda h: h["init"]`` the
+    init's gradient is :math:`\nabla_w L_{out}(w_T)`); ``hf.fomaml(hf.one_step)`` adds the
+    one-step term for the other hyperparameters (learning rates, a shared body). With a fixed
+    ``params0`` it is the transform itself. Cost: one extra outer gradient in ``w``.
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=10,
+        ...                     full_batch=True)
+        >>> hg = hf.fomaml(hf.first_order)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+        >>> h = TensorDict({"init": torch.zeros(1)}, [])
+        >>> res = hg(h, lambda h: TensorDict({"w": h["init"]}, []), torch.ones(1), torch.full((1,), 2.0))
+        >>> res.grads["init"]  # 2 (w_T - y), w_T = 1 - 0.8^10
+        tensor([-2.2147])
+    """
+    return _with_init_rule(transform, _fomaml_rule, "fomaml")
+
+
+def reptile(transform: Transform) -> Transform:
+    r"""Reptile (Nichol et al. 2018) for a learned initialization: ``transform`` with its term through
+    :math:`w_0(\lambda)` replaced by the Reptile direction :math:`w_0 - w_T`,
+
+    .. math:: \frac{dF}{d\lambda} \approx (\text{transform's other terms}) + (w_0 - w_T)\, \frac{dw_0}{d\lambda},
+
+    so that a meta-step :math:`\lambda \leftarrow \lambda - \epsilon\, g` with ``params0 = lambda h: h["init"]``
+    is Reptile's :math:`\lambda \leftarrow \lambda + \epsilon (w_T - \lambda)`. Not the gradient of any
+    outer loss: the outer loss only enters through the other terms. Cost: nothing beyond ``transform``.
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=10,
+        ...                     full_batch=True)
+        >>> hg = hf.reptile(hf.first_order)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+        >>> h = TensorDict({"init": torch.zeros(1)}, [])
+        >>> hg(h, lambda h: TensorDict({"w": h["init"]}, []), torch.ones(1), torch.zeros(1)).grads["init"]
+        tensor([-0.8926])
+    """
+    return _with_init_rule(transform, _reptile_rule, "reptile")
