@@ -1,0 +1,230 @@
+"""hf.module_state / hf.functional_call, and a Conv-BatchNorm net through the transforms (float64).
+
+The reference for a functional inner loop is the same nn.Module trained in place with torch.optim.SGD.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from problems import DT, tree_close
+from tensordict import TensorDict
+from torch import nn
+
+import hyperfunc as hf
+
+T, N, CLASSES = 4, 6, 3
+LR, MOMENTUM, WD = 0.1, 0.9, 1e-3
+
+
+def conv_bn(track_running_stats=True):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.BatchNorm2d(2, track_running_stats=track_running_stats),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2, CLASSES),
+    )
+    return net.to(DT)
+
+
+def data(seed=0, steps=T):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, N, 1, 5, 5, generator=g, dtype=DT)
+    y = torch.randint(0, CLASSES, (steps, N), generator=g)
+    xv = torch.randn(8, 1, 5, 5, generator=g, dtype=DT)
+    return (x, y), (xv, torch.randint(0, CLASSES, (8,), generator=g))
+
+
+def l2(params):
+    return sum((p**2).sum() for p in params.values(True, True))
+
+
+def losses(net):
+    def inner(p, h, batch, buffers):
+        out, buffers = hf.functional_call(net, p, buffers, batch[0])
+        return F.cross_entropy(out, batch[1]) + h["log_l2"].exp() * l2(p), buffers
+
+    def outer(p, h, batch, buffers):
+        out, buffers = hf.functional_call(net, p, buffers, batch[0])
+        return F.cross_entropy(out, batch[1]), buffers
+
+    return inner, outer
+
+
+def problem(net, steps=T):
+    inner, outer = losses(net)
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=LR, momentum=MOMENTUM, weight_decay=WD), steps=steps)
+    params, buffers = hf.module_state(net)
+    hparams = TensorDict({"log_l2": torch.tensor(-3.0, dtype=DT), "init": params}, [])
+    return loop, outer, hparams, buffers
+
+
+def learned_init(h):
+    return h["init"]
+
+
+def train_in_place(net, hparams, batches):
+    """The reference: the module trained by torch.optim.SGD on the same losses and batches."""
+    net = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    for x, y in zip(*batches):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y) + hparams["log_l2"].exp() * sum((p**2).sum() for p in net.parameters())
+        loss.backward()
+        opt.step()
+    return net
+
+
+def test_module_state_splits_params_and_buffers():
+    net = conv_bn()
+    params, buffers = hf.module_state(net)
+    assert sorted(params.flatten_keys(".").keys()) == sorted(n for n, _ in net.named_parameters())
+    assert sorted(buffers.flatten_keys(".").keys()) == sorted(n for n, _ in net.named_buffers())
+    assert buffers["1", "num_batches_tracked"].dtype == torch.int64
+    params["0", "weight"].add_(1.0)  # copies: the module is untouched
+    assert not torch.equal(params["0", "weight"], net[0].weight)
+
+
+def test_functional_call_is_pure_and_matches_the_module():
+    net = conv_bn()
+    params, buffers = hf.module_state(net)
+    before = buffers.clone()
+    x = data()[0][0][0]
+    out, new = hf.functional_call(net, params, buffers, x)
+    tree_close(buffers, before, rtol=0, atol=0)  # inputs never mutated
+    reference = copy.deepcopy(net)
+    torch.testing.assert_close(out, reference(x))
+    tree_close(new, TensorDict.from_module(reference).select(*buffers.keys(True, True)), rtol=0, atol=0)
+    assert net[1].num_batches_tracked == 0
+
+
+def test_functional_call_errors():
+    net = conv_bn()
+    params, buffers = hf.module_state(net)
+    with pytest.raises(ValueError, match="this module has buffers"):
+        hf.functional_call(net, params, None, torch.ones(2, 1, 5, 5, dtype=DT))
+    with pytest.raises(TypeError, match="params must be a TensorDict"):
+        hf.functional_call(net, dict(net.named_parameters()), buffers, torch.ones(2, 1, 5, 5, dtype=DT))
+    with pytest.raises(TypeError, match="hf.module_state"):
+        hf.unroll(*problem(net)[:2])(problem(net)[2], TensorDict.from_module(net), *data())
+
+
+def test_functional_call_vmaps_with_per_task_statistics():
+    net = conv_bn()
+    params, buffers = hf.module_state(net)
+    xs = data()[0][0]
+    _, batched = torch.func.vmap(lambda x: hf.functional_call(net, params, buffers, x))(xs)
+    for t in range(T):
+        tree_close(batched[t], hf.functional_call(net, params, buffers, xs[t])[1])
+
+
+def test_unroll_matches_torch_optim_sgd_in_place():
+    net = conv_bn()
+    loop, outer, hparams, buffers = problem(net)
+    batches, val = data()
+    res = hf.unroll(loop, outer)(hparams, learned_init, batches, val, buffers=buffers)
+    reference = train_in_place(net, hparams, batches)
+    ref_params, ref_buffers = hf.module_state(reference)
+    tree_close(res.params, ref_params, rtol=1e-10, atol=1e-12)
+    tree_close(res.buffers, ref_buffers, rtol=1e-12, atol=1e-14)
+    # meta-test in eval mode: the carried running statistics normalize, as in the trained module
+    evaluated = copy.deepcopy(net).eval()
+    out, _ = hf.functional_call(evaluated, res.params, res.buffers, val[0])
+    torch.testing.assert_close(out, reference.eval()(val[0]))
+
+
+def test_unroll_equals_central_finite_differences():
+    net = conv_bn()
+    loop, outer, hparams, buffers = problem(net)
+    batches, val = data()
+    hg = hf.unroll(loop, outer)
+    res = hg(hparams, learned_init, batches, val, buffers=buffers)
+    direction = hparams.apply(lambda x: torch.randn_like(x))
+    eps = 1e-5
+
+    def F_at(sign):
+        shifted = hparams.apply(lambda x, v: x + sign * eps * v, direction)
+        return hg(shifted, learned_init, batches, val, buffers=buffers).loss
+
+    fd = (F_at(1) - F_at(-1)) / (2 * eps)
+    analytic = sum((res.grads.get(k) * direction.get(k)).sum() for k in res.grads.keys(True, True))
+    torch.testing.assert_close(analytic, fd, rtol=1e-7, atol=1e-9)
+
+
+def test_identities_hold_with_buffers():
+    net = conv_bn()
+    loop, outer, hparams, buffers = problem(net)
+    args = (hparams, learned_init, *data())
+    unrolled = hf.unroll(loop, outer)(*args, buffers=buffers)
+    for other in (hf.truncate(T), hf.forward, lambda lp, o: hf.unroll(lp, o, checkpoint_every=3)):
+        res = other(loop, outer)(*args, buffers=buffers)
+        tree_close(res.grads, unrolled.grads, rtol=1e-9, atol=1e-11)
+        tree_close(res.buffers, unrolled.buffers, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["running-stats", "no-running-stats"])
+def test_vmapped_equals_looped_with_buffers(track):
+    net = conv_bn(track)
+    loop, outer, hparams, buffers = problem(net)
+    tasks = [data(seed) for seed in range(3)]
+    stack = lambda i, j: torch.stack([t[i][j] for t in tasks])
+    batches, val = (stack(0, 0), stack(0, 1)), (stack(1, 0), stack(1, 1))
+    hg = hf.unroll(loop, outer)
+    many = torch.stack([buffers] * 3)
+    batched = torch.func.vmap(hg, in_dims=(None, None, 0, 0, 0))(hparams, learned_init, batches, val, many)
+    for i, (b, v) in enumerate(tasks):
+        single = hg(hparams, learned_init, b, v, buffers=buffers)
+        tree_close(batched.grads[i], single.grads, rtol=1e-10, atol=1e-12)
+        if track:
+            tree_close(batched.buffers[i], single.buffers, rtol=1e-12, atol=1e-14)
+
+
+class EMA(nn.Module):
+    """A module whose buffer is written from its parameter and read by its output: ``out = w x + ema``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, dtype=DT))
+        self.register_buffer("ema", torch.zeros(3, dtype=DT))
+
+    def forward(self, x):
+        if self.training:
+            self.ema.mul_(0.5).add_(0.5 * self.w)
+        return self.w * x + self.ema
+
+
+def test_buffers_are_never_differentiated():
+    """Buffers carried from one step to the next are constants of the hypergradient (inside one
+    forward the module is differentiated as written): a hand-written autograd loop that detaches the
+    buffer between steps is the reference."""
+    net = EMA()
+    params, buffers = hf.module_state(net)
+
+    def inner(p, h, x, b):
+        out, b = hf.functional_call(net, p, b, x)
+        return ((out - 1.0) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum(), b
+
+    def outer(p, h, x, b):
+        return ((p["w"] * x - 2.0) ** 2).sum(), b
+
+    x = torch.linspace(0.5, 1.5, 3, dtype=DT)
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1), steps=5, full_batch=True)
+    hparams = TensorDict({"l2": torch.tensor(0.3, dtype=DT)}, [])
+    res = hf.unroll(loop, outer)(hparams, params, x, x, buffers=buffers)
+
+    l2_ = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    w, ema = params["w"].clone(), buffers["ema"].clone()
+    for _ in range(5):
+        w_ = w if w.requires_grad else w.requires_grad_()
+        ema_ = 0.5 * ema + 0.5 * w_
+        loss = ((w_ * x + ema_ - 1.0) ** 2).sum() + l2_ * (w_**2).sum()
+        (g,) = torch.autograd.grad(loss, w_, create_graph=True)
+        w, ema = w_ - 0.1 * g, ema_.detach()
+    (expected,) = torch.autograd.grad(((w * x - 2.0) ** 2).sum(), l2_)
+    torch.testing.assert_close(res.grads["l2"], expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.buffers["ema"], ema)
+    assert not res.buffers["ema"].requires_grad
