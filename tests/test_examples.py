@@ -18,6 +18,7 @@ CASES = {
     "shaban_toy": (["truncation_error", "trajectories"], []),
     "hypercleaning": (["hypercleaning"], ["truncate(1)", "truncate(5)", "distill(0.9)"]),
     "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "HyperDistill (γ=0.99)"]),
+    "maml_conv_bn": (["maml_conv_bn"], ["no meta-training", "MAML", "FOMAML", "ANIL"]),
 }
 
 

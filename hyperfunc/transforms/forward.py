@@ -123,7 +123,8 @@ def forward(loop: InnerLoop, outer_loss: Loss) -> HyperGradFunction:
 
     Cost: ``T·H`` Jacobian-vector products (batched as ``T`` vmapped JVPs); memory O(H·|s|),
     flat in ``T``. Meant for few hyperparameters (learning rates, a weight decay): for thousands
-    of them use a reverse-mode transform.
+    of them use a reverse-mode transform. Module buffers are carried with the primal state (no
+    tangent).
 
     Example:
         >>> import torch, hyperfunc as hf

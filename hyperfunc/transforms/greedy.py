@@ -57,7 +57,8 @@ def greedy_accumulate(gamma: float) -> Transform:
     :math:`\alpha_1 A_1\, ds_0/d\lambda`, discounted like :math:`\alpha_1 B_1`.
 
     Cost: one step VJP and one outer-loss gradient in ``w`` per inner step (the gradient in λ only
-    at the last step); memory O(|s| + H), flat in ``T``.
+    at the last step); memory O(|s| + H), flat in ``T``. Module buffers are carried through the
+    steps; each step's outer loss sees the buffers of that step.
 
     Example:
         >>> import hyperfunc as hf

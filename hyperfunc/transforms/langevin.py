@@ -95,7 +95,8 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
     the recursion is deterministic. ``res.loss`` and ``res.params`` are those of the last sample.
 
     Cost per step: one step VJP, one outer-loss gradient, and with a learned init one outer-loss
-    Hessian-vector product; memory O(|s| + H), flat in ``B + M``.
+    Hessian-vector product; memory O(|s| + H), flat in ``B + M``. Module buffers are carried along
+    the chain (``res.buffers`` after the last sample).
 
     Example:
         >>> import hyperfunc as hf

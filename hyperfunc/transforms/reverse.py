@@ -90,6 +90,9 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
     every k-th state is stored and each segment is recomputed in the reverse pass: memory
     O((T/k + k)·|s|) (k ≈ √T is optimal) for one extra forward pass.
 
+    Module buffers (``buffers=``) are carried through the steps, stored beside each checkpoint and
+    replayed with it, never differentiated; ``res.buffers`` holds them after step ``T``.
+
     Args:
         loop: the inner loop.
         outer_loss: ``outer_loss(params, hparams, batch) -> scalar``.
@@ -126,7 +129,10 @@ def truncate(K: int) -> Transform:
     ``K = 1`` is :func:`one_step`. Prop. 3.1 of the paper bounds the bias by
     :math:`O(\kappa^K)` for a strongly convex inner problem whose steps contract by :math:`\kappa`.
 
-    Cost: ``T`` gradient steps plus ``K`` step VJPs; memory O(K·|s|), flat in ``T``.
+    Cost: ``T`` gradient steps plus ``K`` step VJPs; memory O(K·|s|), flat in ``T``. Module buffers
+    run through the graph-free prefix and the last ``K`` steps alike. With a learned ``params0`` and
+    ``K < T`` there is no ``w_0`` term: a ``ValueError`` unless wrapped in :func:`hyperfunc.fomaml` or
+    :func:`hyperfunc.reptile`.
 
     Example:
         >>> import hyperfunc as hf
@@ -162,8 +168,9 @@ def first_order(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
     .. math:: h = \partial_\lambda L_{out}(w_T, \lambda)
 
     Nonzero only for hyperparameters that the outer loss reads directly (a shared feature
-    extractor, as in first-order MAML / ANIL). Cost: ``T`` gradient steps and one gradient of the
-    outer loss; memory O(|s|).
+    extractor, as in ANIL). A learned ``params0`` gets no term: first-order MAML is
+    ``hf.fomaml(hf.first_order)``. Cost: ``T`` gradient steps and one gradient of the outer loss;
+    memory O(|s|).
 
     Example:
         >>> import hyperfunc as hf
@@ -187,7 +194,8 @@ def drmad(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
     learned-initialization term uses the same pulled-back cotangent on ``s_0``.
 
     Cost: ``T`` gradient steps forward, ``T`` step VJPs backward (2T products); memory O(|s|):
-    only ``s_0`` and ``s_T`` are kept.
+    only ``s_0`` and ``s_T`` are kept. Module buffers are not interpolated (integer counters cannot
+    be): the backward travel runs every step with the final buffers.
 
     Example:
         >>> import hyperfunc as hf
