@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from tensordict import TensorDictBase
 
+from ._checks import check_int, check_real
 from ._tree import Leaves, add, axpy, build, dot, keys_of, leaves_of, safe_divide, scale
 
 
@@ -53,6 +54,9 @@ def neumann(matvec: Callable, b: Any, iters: int, alpha: Any) -> Solution:
         >>> neumann(lambda v: A @ v, torch.ones(2), iters=60, alpha=0.5).x
         tensor([0.5000, 1.0000])
     """
+    iters = check_int(iters, "iters", 1)
+    if not callable(alpha) and not torch.is_tensor(alpha):
+        alpha = check_real(alpha, "alpha", 0.0, positive=True)
     mv, b_flat, back = _flat(matvec, b)
     p = b_flat
     total = b_flat
@@ -78,6 +82,7 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
         >>> cg(lambda v: A @ v, torch.tensor([1.0, 0.0]), iters=2).x
         tensor([ 0.4000, -0.2000])
     """
+    iters, damping = check_int(iters, "iters", 1), check_real(damping, "damping", 0.0)
     mv, b_flat, back = _flat(matvec, b)
     damped = (lambda v: axpy(damping, v, mv(v))) if damping else mv
     x = tuple(torch.zeros_like(v) for v in b_flat)

@@ -57,6 +57,8 @@ def call_loss(
     if not torch.is_tensor(out) or out.dim() != 0:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ValueError(f"{name} must return a scalar tensor, got {shape}; reduce it with .mean() or .sum()")
+    if not out.is_floating_point():
+        raise ValueError(f"{name} must return a floating-point scalar, got {out.dtype}: its gradient would be zero")
     return out, new
 
 
@@ -121,6 +123,8 @@ class InnerLoop:
                 "optimizer must be a hyperfunc.optim.Optimizer (hf.optim.sgd/adam/sgld), "
                 f"got {type(self.optimizer).__name__}"
             )
+        if not isinstance(self.full_batch, bool):
+            raise TypeError(f"full_batch must be True or False, got {self.full_batch!r}")
         if not isinstance(self.steps, numbers.Integral) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.prepare is not None and not callable(self.prepare):

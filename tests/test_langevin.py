@@ -56,7 +56,7 @@ def test_noise_is_reproducible_and_small_temperature_is_continuous():
     [
         (lambda: hf.langevin(0, 5, 0.1), ValueError, "B must be >= 1"),
         (lambda: hf.langevin(5, 0, 0.1), ValueError, "M must be >= 1"),
-        (lambda: hf.langevin(5, 5, -0.1), ValueError, "tau must be a number >= 0"),
+        (lambda: hf.langevin(5, 5, -0.1), ValueError, "tau must be a finite number >= 0"),
         (
             lambda: hf.langevin(5, 5, 0.1)(hf.InnerLoop(inner, hf.optim.sgd(lr=0.1, momentum=0.9), 1), outer),
             ValueError,

@@ -100,7 +100,7 @@ def test_callable_arg_wrong_shape_is_clear():
         (lambda: hf.optim.adam(betas=(0.9, 1.0)), "betas\\[1\\] must lie in"),
         (lambda: hf.optim.adam(betas=0.9), "betas must be a pair"),
         (lambda: hf.optim.sgd(lr="fast"), "lr must be a number"),
-        (lambda: hf.optim.sgd(lr=torch.ones(2)), "lr must be a scalar tensor"),
+        (lambda: hf.optim.sgd(lr=torch.ones(2)), "lr must be a floating-point scalar tensor"),
         (lambda: hf.optim.sgld(lr=0.1, seed=1.5), "seed must be an int"),
     ],
 )

@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from tensordict import TensorDictBase
@@ -40,7 +40,8 @@ class Optimizer:
     :math:`L_{in} + \tfrac{wd}{2}\|w\|^2`, which implicit differentiation needs) and
     ``langevin`` (its update is :math:`w - \eta (g + wd\, w)` plus optional Gaussian noise, the
     step of HPO-SGLD), ``preconditioned`` (the step rescales the gradient, as Adam does, so ``lr``
-    is no step size for a Neumann series). ``lr`` and ``weight_decay`` give those arguments.
+    is no step size for a Neumann series). ``lr`` and ``weight_decay`` give those arguments; ``seed``
+    is the noise seed of a stochastic optimizer (``sgld``), None otherwise.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Optimizer:
     stationary: bool = True
     langevin: bool = False
     preconditioned: bool = False
+    seed: Optional[int] = None
 
     @property
     def lr(self) -> Arg:
@@ -95,7 +97,9 @@ class Optimizer:
         buffers = tuple(state[n * (i + 1) : n * (i + 2)] for i in range(len(self.buffers)))
         args = {name: resolve(name, value, hparams, keys, params) for name, value in self.args.items()}
         params, buffers = self.rule(params, buffers, grads, args, step)
-        return tuple(params) + tuple(leaf for buffer in buffers for leaf in buffer)
+        new = tuple(params) + tuple(leaf for buffer in buffers for leaf in buffer)
+        # the state keeps its dtypes: a float64 per-parameter lr must not promote float32 params
+        return tuple(x.to(old.dtype) for x, old in zip(new, state))
 
     def _state_leaves(self, state: TensorDictBase, keys: Keys) -> Leaves:
         """Flatten a state TensorDict made by :meth:`init` into the flat layout."""
@@ -153,18 +157,25 @@ def check_arg(name: str, value: Any, low: float = 0.0, high: float = math.inf, c
     if callable(value):
         return value
     if torch.is_tensor(value):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar tensor, got shape {tuple(value.shape)}")
-        return value.reshape(())
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be a floating-point scalar tensor, got {value.dtype} of shape {tuple(value.shape)}"
+            )
+        _check_range(name, float(value.detach()), low, high, closed_high)  # once, at construction
+        return value.detach().reshape(())
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(
             f"{name} must be a number, a scalar tensor or a callable of hparams, got {type(value).__name__}"
         )
+    _check_range(name, float(value), low, high, closed_high)
+    return float(value)
+
+
+def _check_range(name: str, value: float, low: float, high: float, closed_high: bool) -> None:
     above = value > high if closed_high else value >= high
     if not math.isfinite(value) or value < low or above:
         bracket = "]" if closed_high else ")"
         raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value}")
-    return float(value)
 
 
 def is_zero(value: Arg) -> bool:

@@ -35,7 +35,8 @@ def _hash(x: torch.Tensor) -> torch.Tensor:
 def bits(shape: Any, seed: int, step: Any, stream: int, device: Any) -> torch.Tensor:
     """Uniform 32-bit integers (as int64) of ``shape`` determined by ``(seed, step, stream)`` alone."""
     step = torch.as_tensor(step, dtype=torch.int64, device=device)
-    key = _hash(_hash(_hash(torch.tensor(seed, dtype=torch.int64, device=device)) ^ step) ^ stream)
+    low, high = seed & _MASK, seed >> 32  # a seed in [0, 2**63): both halves enter the key
+    key = _hash(_hash(_hash(_hash(torch.tensor(low, dtype=torch.int64, device=device)) ^ high) ^ step) ^ stream)
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
     return _hash(_hash(index) ^ key)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._checks import check_seed
 from .._tree import Leaves
 from ._base import Arg, Optimizer, at, check_arg, is_zero, safe_sqrt
 from ._noise import normal
@@ -17,7 +18,7 @@ def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0, weight_decay: Arg = 0.0
     :math:`z_t` is a pure function of ``(seed, t, parameter leaf, element)`` (a counter-based hash,
     no global RNG), so recomputing a step reproduces it exactly, ``vmap`` over tasks equals a
     Python loop, and every reverse or forward transform differentiates the same trajectory.
-    Use different seeds for independent chains.
+    Use different seeds for independent chains (any integer in ``[0, 2**63)``; all its bits count).
 
     Cost per step: one Gaussian draw and three elementwise operations per parameter; no buffers.
 
@@ -29,8 +30,7 @@ def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0, weight_decay: Arg = 0.0
         >>> opt.update(state, TensorDict({"w": torch.ones(2)}, []))["params", "w"]
         tensor([0.9000, 0.9000])
     """
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = check_seed(seed)
     args = {
         "lr": check_arg("lr", lr),
         "temperature": check_arg("temperature", temperature),
@@ -50,4 +50,4 @@ def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0, weight_decay: Arg = 0.0
             new.append(w)
         return tuple(new), ()
 
-    return Optimizer("sgld", (), args, rule, stationary=False, langevin=True)
+    return Optimizer("sgld", (), args, rule, stationary=False, langevin=True, seed=seed)

@@ -12,9 +12,10 @@ from typing import Any, NamedTuple
 
 from tensordict import TensorDictBase
 
+from .._checks import check_int
 from .._tree import Leaves, check_tensordict
 from ..loop import InnerLoop, Loss
-from .base import Bound, HyperGrad, check_int, check_transform_args
+from .base import Bound, HyperGrad, check_transform_args
 
 
 class OnlineState(NamedTuple):

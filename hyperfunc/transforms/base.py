@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Optional, Union
@@ -53,20 +52,31 @@ class HyperGrad(NamedTuple):
     buffers: Any = ()
 
 
-def check_int(value: Any, name: str, low: int) -> int:
-    """Raise unless ``value`` is an integer ``>= low``; return it as an int."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
 def check_transform_args(loop: Any, outer_loss: Any) -> None:
     if not isinstance(loop, InnerLoop):
         raise TypeError(f"loop must be a hyperfunc.InnerLoop, got {type(loop).__name__}")
     if not callable(outer_loss):
         raise TypeError(f"outer_loss must be a function (params, hparams, batch) -> scalar, got {outer_loss!r}")
+
+
+def check_one_device(a: Leaves, a_name: str, b: Leaves, b_name: str) -> None:
+    """Raise unless every tensor of ``a`` and ``b`` lives on one device."""
+    devices = {x.device for x in a} | {x.device for x in b}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{a_name} and {b_name} must be on one device, got {sorted(map(str, devices))}; move them with .to(device)"
+        )
+
+
+def refuse_loop(value: Any, call: str) -> None:
+    """A factory called as a transform (``hf.truncate(loop, outer)``) gets the call form in its error."""
+    if isinstance(value, InnerLoop):
+        raise TypeError(f"got an InnerLoop where {call} takes its arguments: call it as {call}(loop, outer_loss)")
+
+
+def detached(tree: Any) -> Any:
+    """Every tensor of a pytree detached (no graph is recorded through a user's batch)."""
+    return pytree.tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, tree)
 
 
 class HyperCotangent(NamedTuple):
@@ -148,6 +158,8 @@ class Bound:
         check_tensordict(hparams, "hparams")
         hparams = hparams.detach()
         loop._check_batches(inner_batches)
+        # inputs are detached: a batch that requires grad must not record the trajectory
+        inner_batches, outer_batch = detached(inner_batches), detached(outer_batch)
         if isinstance(params0, TensorDictBase):
             check_tensordict(params0, "params0")
             params0 = p0 = params0.detach()
@@ -168,7 +180,10 @@ class Bound:
                 f"got {type(buffers).__name__}"
             )
         hkeys = keys_of(hparams)
+        if not hkeys:
+            raise ValueError("hparams is empty: give at least one hyperparameter (a TensorDict with a tensor leaf)")
         h = leaves_of(hparams, hkeys)
+        check_one_device(h, "hparams", leaves_of(p0, keys_of(p0)), "params0")
         return cls(loop, outer_loss, hkeys, keys_of(p0), h, params0, inner_batches, outer_batch, buffers, exact_init)
 
     # -- the pieces, as pure functions of flat tuples -------------------------------------------
@@ -312,6 +327,7 @@ class Bound:
             if ct_s0 is not InitTerm.INCLUDED:
                 grads = add(grads, self.init_vjp(ct_s0))
         params = build(self.pkeys, self.params(out.s))
+        grads = tuple(g.to(x.dtype) for g, x in zip(grads, self.h))  # the dtypes of hparams, for every transform
         return HyperGrad(build(self.hkeys, grads), out.loss, params, out.b)
 
 

@@ -9,18 +9,18 @@ a linear estimate ``θ·(1-γ^t)/(1-γ)`` of its size.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.utils._pytree as pytree
 
+from .._checks import check_real, check_seed
 from .._tree import Leaves, add, dot, safe_divide, scale, tensor_leaves, tree_index
 from ..loop import InnerLoop, Loss
 from ..optim._noise import bits
 from ._online import Online, OnlineState, Session
-from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform
+from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform, refuse_loop
 from .greedy import check_gamma
 from .reverse import HyperGradFn, drmad_pass, interpolate
 
@@ -132,20 +132,19 @@ def estimate(bound: Bound, gamma: float, seed: int) -> Estimate:
     return Estimate(safe_divide(dot((x,), (y,)), dot((x,), (x,))), x, y)
 
 
-def check_seed(seed: Any) -> int:
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return int(seed)
-
-
 def check_theta(theta: Any) -> Any:
+    if theta is None:
+        raise TypeError(
+            "theta must be a finite number or a scalar tensor here (online.distill fixes it; fit it "
+            "with hf.linear_estimation and build a new online transform every N inner optimizations)"
+        )
     if torch.is_tensor(theta):
-        if theta.numel() != 1:
-            raise ValueError(f"theta must be a scalar, got a tensor of shape {tuple(theta.shape)}")
+        if theta.numel() != 1 or not theta.is_floating_point():
+            raise ValueError(f"theta must be a floating scalar, got {theta.dtype} of shape {tuple(theta.shape)}")
+        if not torch._C._functorch.is_functorch_wrapped_tensor(theta) and not torch.isfinite(theta).all():
+            raise ValueError(f"theta must be finite, got {theta}")
         return theta.reshape(())
-    if not isinstance(theta, numbers.Real) or isinstance(theta, bool) or not math.isfinite(theta):
-        raise TypeError(f"theta must be None (fit by Algorithm 4), a finite number or a scalar tensor, got {theta!r}")
-    return float(theta)
+    return check_real(theta, "theta")
 
 
 def linear_estimation(gamma: float, seed: int = 0) -> Any:
@@ -176,6 +175,7 @@ def linear_estimation(gamma: float, seed: int = 0) -> Any:
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> fit = hf.linear_estimation(0.9)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(gamma, "hf.linear_estimation(gamma)")
     gamma, seed = check_gamma(gamma), check_seed(seed)
 
     def transform(loop: InnerLoop, outer_loss: Loss):
@@ -220,6 +220,7 @@ def distill(gamma: float, theta: Any = None, seed: int = 0) -> Transform:
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.distill(0.9, theta=1.0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(gamma, "hf.distill(gamma)")
     gamma, seed = check_gamma(gamma), check_seed(seed)
     theta = None if theta is None else check_theta(theta)
 
@@ -262,6 +263,7 @@ def online_distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLo
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> opt = hf.online.distill(0.9, theta=1.0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(gamma, "hf.online.distill(gamma, theta)")
     gamma, seed, theta = check_gamma(gamma), check_seed(seed), check_theta(theta)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> Online:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from .._tree import Leaves, add, build, check_same_keys, leaves_of, scale, zeros_like
 from ..loop import InnerLoop, Loss
 from ._online import Online, OnlineState, Session
-from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, make_transform
+from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, make_transform, refuse_loop
 from .reverse import HyperGradFn
 
 
@@ -65,6 +65,7 @@ def greedy_accumulate(gamma: float) -> Transform:
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.greedy_accumulate(0.9)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(gamma, "hf.greedy_accumulate(gamma)")
     gamma = check_gamma(gamma)
 
     def algorithm(bound: Bound) -> Outcome:
@@ -133,5 +134,6 @@ def online_greedy_accumulate(gamma: float) -> Callable[[InnerLoop, Loss], Online
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> opt = hf.online.greedy_accumulate(0.9)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(gamma, "hf.greedy_accumulate(gamma)")
     gamma = check_gamma(gamma)
     return lambda loop, outer_loss: accumulating(loop, outer_loss, gamma)

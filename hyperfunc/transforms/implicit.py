@@ -2,25 +2,16 @@ r"""Implicit differentiation at the final iterate (IFT; Lorraine et al. 2020, Ra
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple, Optional
 
 import torch
 from tensordict import TensorDictBase
 
 from .. import linalg
+from .._checks import check_int, check_real
 from .._tree import Leaves, axpy
 from ..loop import InnerLoop, Loss
-from .base import (
-    Bound,
-    HyperCotangent,
-    InitTerm,
-    Outcome,
-    Transform,
-    check_int,
-    check_transform_args,
-    make_transform,
-)
+from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform, refuse_loop
 from .reverse import HyperGradFn
 
 SOLVERS = ("neumann", "cg")
@@ -84,13 +75,13 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=50)
         >>> hg = hf.implicit("cg", iters=10)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(method, "hf.implicit(method, iters)")
     if method not in SOLVERS:
         raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
     iters = check_int(iters, "iters", 1)
-    if alpha is not None and (not isinstance(alpha, numbers.Real) or not alpha > 0):
-        raise ValueError(f"alpha must be a positive number or None, got {alpha!r}")
-    if not isinstance(damping, numbers.Real) or damping < 0:
-        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+    if alpha is not None:
+        alpha = check_real(alpha, "alpha", 0.0, positive=True)
+    damping = check_real(damping, "damping", 0.0)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         check_transform_args(loop, outer_loss)
@@ -103,6 +94,11 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
                     "the gradient: its learning rate is not a step size for the Hessian"
                 )
             step = loop.optimizer.lr
+            if not callable(step) and not float(step) > 0:
+                raise ValueError(
+                    f"implicit('neumann') takes its step alpha from the loop's learning rate, which is {float(step)}: "
+                    "a zero step gives an all-zero hypergradient; pass alpha=... > 0"
+                )
         solve = (
             (lambda mv, b: linalg.neumann(mv, b, iters, step))
             if method == "neumann"

@@ -8,11 +8,12 @@ from typing import Any, Optional
 
 import torch
 
+from .._checks import check_int, check_real, check_seed
 from .._tree import add, axpy, scale, zeros_like
 from ..loop import InnerLoop, Loss
 from ..optim import sgld
 from ._online import Online
-from .base import Bound, Outcome, Transform, check_int, check_transform_args, make_transform
+from .base import Bound, Outcome, Transform, check_transform_args, make_transform, refuse_loop
 from .greedy import accumulating
 from .reverse import HyperGradFn
 
@@ -26,16 +27,20 @@ def sampler(loop: InnerLoop, steps: int, tau: float, seed: Optional[int]) -> Inn
             + (" with momentum" if opt.name == "sgd" else "")
             + "; HPO-SGLD's recursion (Eq. 22) is derived for the Langevin update"
         )
-    new = sgld(opt.lr, temperature=tau, seed=seed or 0, weight_decay=opt.weight_decay)
+    if opt.seed is not None:  # the loop already samples with SGLD: its temperature and seed are the chain's
+        temperature = opt.args["temperature"]
+        if callable(temperature) or float(temperature) != tau:
+            raise ValueError(
+                f"the loop's sgld temperature ({temperature!r}) differs from langevin's tau ({tau}): HPO-SGLD samples "
+                "at tau; give the loop sgld(..., temperature=tau) or plain SGD"
+            )
+        seed = opt.seed if seed is None else seed
+    new = sgld(opt.lr, temperature=tau, seed=0 if seed is None else seed, weight_decay=opt.weight_decay)
     return dataclasses.replace(loop, optimizer=new, steps=steps)
 
 
 def check_langevin_args(tau: Any, seed: Any) -> tuple[float, Optional[int]]:
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau < 0:
-        raise ValueError(f"tau must be a number >= 0, got {tau!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return float(tau), seed
+    return check_real(tau, "tau", 0.0), (None if seed is None else check_seed(seed))
 
 
 def langevin_pass(bound: Bound, B: int, M: int) -> Outcome:
@@ -103,6 +108,7 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=1)
         >>> hg = hf.langevin(B=50, M=50, tau=1e-3, seed=0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(B, "hf.langevin(B, M, tau)")
     B = check_int(B, "B", 1)
     M = check_int(M, "M", 1)
     tau, seed = check_langevin_args(tau, seed)
@@ -130,6 +136,7 @@ def online_langevin(tau: float, seed: int | None = None) -> Callable[[InnerLoop,
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=1)
         >>> opt = hf.online.langevin(tau=1e-3, seed=0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(tau, "hf.online.langevin(tau)")
     tau, seed = check_langevin_args(tau, seed)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> Online:

@@ -11,9 +11,10 @@ from typing import Optional
 
 import torch
 
+from .._checks import check_int
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
-from .base import HyperCotangent, HyperGradFunction, InitTerm, Outcome, Transform, check_int, make_transform
+from .base import HyperCotangent, HyperGradFunction, InitTerm, Outcome, Transform, make_transform, refuse_loop
 
 #: ``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``
 HyperGradFn = HyperGradFunction
@@ -32,8 +33,9 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
     every = every or max(steps - first, 1)
     starts = list(range(first, steps, every)) or [first]
     stops = starts[1:] + [steps]
-    checkpoints = [(s, b)]
+    checkpoints, rng = [(s, b)], []
     for start, stop in zip(starts[:-1], stops[:-1]):
+        rng.append(rng_state(s))
         checkpoints.append(bound.run(*checkpoints[-1], bound.h, batches, start, stop))
     s_last, b_last = checkpoints[-1]
 
@@ -44,10 +46,27 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
     loss, vjp_fn, (final, b_final) = torch.func.vjp(tail, s_last, bound.h, bound.prep.d, has_aux=True)
     ct_s, ct_h, ct_d = vjp_fn(torch.ones_like(loss))
     cot = HyperCotangent(ct_h, ct_d)
-    for start, stop, (s, b) in zip(reversed(starts[:-1]), reversed(stops[:-1]), reversed(checkpoints[:-1])):
+    after = rng_state(s_last) if rng else None
+    for start, stop, (s, b), state in zip(*(reversed(x) for x in (starts[:-1], stops[:-1], checkpoints[:-1], rng))):
+        set_rng_state(state)  # a recomputed segment replays the random numbers of its first run (dropout)
         ct_s, ct = bound.run_vjp(s, b, start, stop)[1](ct_s)
         cot = cot.plus(ct)
+    if after is not None:
+        set_rng_state(after)
     return Outcome(cot, loss, final, b_final, ct_s if first == 0 else InitTerm.ABSENT)
+
+
+def rng_state(leaves: Leaves) -> tuple:
+    """The global random states that a segment's steps may draw from: CPU, and the CUDA devices of ``leaves``."""
+    cuda = sorted({x.device for x in leaves if x.device.type == "cuda"}, key=str)
+    return torch.get_rng_state(), tuple((d, torch.cuda.get_rng_state(d)) for d in cuda)
+
+
+def set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, value in cuda:
+        torch.cuda.set_rng_state(value, device)
 
 
 def interpolate(s0: Leaves, sT: Leaves, c: float) -> Leaves:
@@ -139,6 +158,7 @@ def truncate(K: int) -> Transform:
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.truncate(5)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
+    refuse_loop(K, "hf.truncate(K)")
     K = check_int(K, "K", 0)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:

@@ -1,0 +1,37 @@
+"""Argument checks shared by the public factories: each error names the argument and the fix."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+
+def check_int(value: Any, name: str, low: int) -> int:
+    """Raise unless ``value`` is an integer ``>= low``; return it as an int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_real(value: Any, name: str, low: float = -math.inf, positive: bool = False) -> float:
+    """Raise unless ``value`` is a finite real number (numpy scalars included) ``>= low`` (``> low`` when
+    ``positive``); return it as a float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (positive and value == low):
+        bound = f"> {low}" if positive else f">= {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """A seed: an integer in ``[0, 2**63)`` (all 63 bits reach the counter-based generator)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must lie in [0, 2**63), got {seed}")
+    return int(seed)
