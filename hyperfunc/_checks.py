@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
+
+import torch
 
 
 def check_int(value: Any, name: str, low: int) -> int:
@@ -35,3 +38,20 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     if not 0 <= seed < 2**63:
         raise ValueError(f"{name} must lie in [0, 2**63), got {seed}")
     return int(seed)
+
+
+def concrete(x: Any) -> bool:
+    """A CPU tensor outside any torch.func transform or compilation: its value can be read without a
+    device synchronisation or a graph break (elsewhere value checks are skipped, see docs/errors.md)."""
+    return (
+        torch.is_tensor(x)
+        and x.device.type == "cpu"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def warn_outside(value: Any, low: float, high: float, message: str) -> None:
+    """Warn (``RuntimeWarning``) when a concrete diagnostic lies outside ``[low, high]`` (NaN included)."""
+    if concrete(value) and not bool(((value >= low) & (value <= high)).all()):
+        warnings.warn(message.format(value=value.tolist()), RuntimeWarning, stacklevel=4)

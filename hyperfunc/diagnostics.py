@@ -83,7 +83,14 @@ def compare(transform: Transform, reference: Transform = unroll) -> Callable[[In
         raise TypeError("transform and reference must be transforms: functions (loop, outer_loss) -> hg")
 
     def bound(loop: InnerLoop, outer_loss: Loss) -> Callable[[Any, Any, Any, Any], Agreement]:
-        approx, exact = transform(loop, outer_loss), reference(loop, outer_loss)
+        try:
+            approx, exact = transform(loop, outer_loss), reference(loop, outer_loss)
+        except TypeError as err:
+            raise TypeError(
+                f"compare takes transforms, functions (loop, outer_loss) -> hg such as hf.unroll or hf.truncate(5); "
+                f"calling one on (loop, outer_loss) failed: {err}. A factory takes its own arguments first: "
+                "hf.compare(hf.truncate(K)), not hf.compare(hf.truncate)"
+            ) from err
 
         def judge(hparams, params0, inner_batches, outer_batch) -> Agreement:
             args = (hparams, params0, inner_batches, outer_batch)

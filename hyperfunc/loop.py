@@ -155,7 +155,12 @@ class InnerLoop:
         """``prepare(hparams, batches)``, or ``batches`` when there is no ``prepare``."""
         if self.prepare is None:
             return batches
-        out = self.prepare(hparams, batches)
+        try:
+            out = self.prepare(hparams, batches)
+        except KeyError as err:
+            raise ValueError(
+                f"prepare read a key that hparams lacks: {err}; hparams has keys {_names(hparams)}"
+            ) from err
         self._check_batches(out, "the output of prepare(hparams, inner_batches)")
         return out
 

@@ -124,7 +124,13 @@ def resolve(name: str, value: Arg, hparams: TensorDictBase | None, keys: Keys, p
         return value
     if hparams is None:
         raise ValueError(f"optimizer argument {name!r} is a function of the hyperparameters: pass hparams to update()")
-    out = value(hparams)
+    try:
+        out = value(hparams)
+    except KeyError as err:
+        raise ValueError(
+            f"optimizer argument {name!r} read a key that hparams lacks: {err}; hparams has keys "
+            f"{[_key_name(k) for k in keys_of(hparams)]}"
+        ) from err
     if isinstance(out, numbers.Real):
         return out
     if isinstance(out, TensorDictBase):
@@ -145,6 +151,10 @@ def resolve(name: str, value: Arg, hparams: TensorDictBase | None, keys: Keys, p
             )
         return out.reshape(())
     raise TypeError(f"{name}(hparams) must return a number, a scalar tensor or a TensorDict, got {type(out).__name__}")
+
+
+def _key_name(key: Any) -> str:
+    return ".".join(key) if isinstance(key, tuple) else str(key)
 
 
 def at(arg: Resolved, i: int) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from tensordict import TensorDictBase
 
-from .._checks import check_int
+from .._checks import check_int, concrete
 from .._tree import Leaves, check_tensordict
 from ..loop import InnerLoop, Loss
 from .base import Bound, HyperGrad, check_transform_args
@@ -70,9 +70,24 @@ class Session(NamedTuple):
         if not isinstance(state, OnlineState):
             raise TypeError(f"state must be the OnlineState returned by init or step, got {type(state).__name__}")
         t = check_int(t, "t", 0)
+        taken = state.inner.get("step")
+        if concrete(taken) and int(taken) != t:
+            raise ValueError(
+                f"t={t}, but this state has taken {int(taken)} inner steps: pass t = the 0-based index of the step "
+                "being taken (restarting t resets Adam's bias correction and the distillation weights)"
+            )
         params = state.inner.get("params")
         bound = Bound.bind(self.loop, self.outer_loss, hparams, params, batch, outer_batch, state.buffers)
         return bound, self.loop.optimizer._state_leaves(state.inner, bound.pkeys), t
+
+    @staticmethod
+    def check_extra(state: OnlineState, fits: bool, method: str) -> None:
+        """Raise unless ``state.extra`` has the form this method's ``init`` gives it."""
+        if not fits:
+            raise TypeError(
+                f"state.extra is not the running state of {method} ({type(state.extra).__name__}): pass the state "
+                f"returned by this transform's init or step, not another method's"
+            )
 
     def state(self, bound: Bound, s: Leaves, b: Any, t: int, extra: Any) -> OnlineState:
         """The state after step ``t``."""

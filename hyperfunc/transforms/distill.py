@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.utils._pytree as pytree
 
-from .._checks import check_real, check_seed
+from .._checks import check_real, check_seed, warn_outside
 from .._tree import Leaves, add, dot, safe_divide, scale, tensor_leaves, tree_index
 from ..loop import InnerLoop, Loss
 from ..optim._noise import bits
@@ -103,8 +103,16 @@ def distilled_vjp(bound: Bound, dist: Distilled, b: Any, t: int, alpha: Leaves) 
     return HyperCotangent(*torch.func.vjp(phi, bound.h, prep.d)[1](alpha))
 
 
+#: the range of a trustworthy θ fit (see docs/errors.md)
+THETA_RANGE = (0.0, 10.0)
+
+
 class Estimate(NamedTuple):
-    r"""LinearEstimation's fit: ``theta = x'y / x'x`` and its samples ``x_s``, ``y_s`` for ``s = 1..T``."""
+    r"""LinearEstimation's fit: ``theta = x'y / x'x`` and its samples ``x_s``, ``y_s`` for ``s = 1..T``.
+
+    Outside ``[0, 10]`` (a distilled term pointing against the second-order term, or one that must
+    be scaled up tenfold) :func:`linear_estimation` warns: the distilled direction then explains the
+    second-order term poorly and ``distill`` with this θ is unreliable."""
 
     theta: torch.Tensor
     x: torch.Tensor
@@ -129,7 +137,15 @@ def estimate(bound: Bound, gamma: float, seed: int) -> Estimate:
 
     drmad_pass(bound, s0, sT, bT, on_step)
     x, y = torch.stack(xs), torch.stack(ys)
-    return Estimate(safe_divide(dot((x,), (y,)), dot((x,), (x,))), x, y)
+    theta = safe_divide(dot((x,), (y,)), dot((x,), (x,)))
+    warn_outside(
+        theta,
+        *THETA_RANGE,
+        "linear_estimation: theta = {value} is outside "
+        f"{list(THETA_RANGE)}: the distilled VJP explains the second-order term poorly, so distill with this theta "
+        "is unreliable (compare it with hf.compare, lower gamma, or refit on more tasks)",
+    )
+    return Estimate(theta, x, y)
 
 
 def check_theta(theta: Any) -> Any:
@@ -274,6 +290,8 @@ def online_distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLo
 
         def step(state, hparams, batch, outer_batch, t):
             bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
+            fits = isinstance(state.extra, tuple) and len(state.extra) == 2 and len(state.extra[0]) == len(s)
+            session.check_extra(state, fits, "online distill")
             s_star, D_star = state.extra
             p = gamma * horizon(gamma, t) / horizon(gamma, t + 1)
             s_star = s if t == 0 else interpolate(s_star, s, 1.0 - p)

@@ -164,6 +164,10 @@ def online_forward(loop: InnerLoop, outer_loss: Loss) -> Online:
 
     def step(state, hparams, batch, outer_batch, t):
         bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
+        H = sum(x.numel() for x in bound.h)
+        fits = isinstance(state.extra, tuple) and len(state.extra) == len(s)
+        fits = fits and all(torch.is_tensor(z) and z.shape == (H, *x.shape) for z, x in zip(state.extra, s))
+        session.check_extra(state, fits, f"online forward with {H} scalar hyperparameters")
         fp = Tangents.of(bound)
         new = fp.step(ForwardState(t, s, bound.buffers, state.extra))
         grads, loss = fp.hypergrad(new)

@@ -6,6 +6,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from tensordict import TensorDictBase
+
 from .._tree import Leaves, add, build, check_same_keys, leaves_of, scale, zeros_like
 from ..loop import InnerLoop, Loss
 from ._online import Online, OnlineState, Session
@@ -95,6 +97,7 @@ def accumulating(loop: InnerLoop, outer_loss: Loss, gamma: float) -> Online:
 
     def step(state, hparams, batch, outer_batch, t):
         bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
+        session.check_extra(state, isinstance(state.extra, TensorDictBase), "an accumulating online method")
         check_same_keys(state.extra, bound.hkeys, "state.extra (the accumulator)", "hparams")
         previous = HyperCotangent(tuple(x.detach() for x in leaves_of(state.extra, bound.hkeys)), bound.zeros_d())
         s, b, acc, loss, direct = greedy_step(

@@ -8,8 +8,8 @@ import torch
 from tensordict import TensorDictBase
 
 from .. import linalg
-from .._checks import check_int, check_real
-from .._tree import Leaves, axpy
+from .._checks import check_int, check_real, warn_outside
+from .._tree import Leaves, axpy, dot, safe_divide
 from ..loop import InnerLoop, Loss
 from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform, refuse_loop
 from .reverse import HyperGradFn
@@ -17,14 +17,33 @@ from .reverse import HyperGradFn
 SOLVERS = ("neumann", "cg")
 
 
+#: warn when the inner gradient at w_T is above this fraction of the one at w_0
+STATIONARITY_TOLERANCE = 1e-3
+
+
 class ImplicitHyperGrad(NamedTuple):
-    """:class:`~hyperfunc.HyperGrad` plus ``residual = ‖(H + δI) v − ∇_w L_out‖`` of the linear solve."""
+    """:class:`~hyperfunc.HyperGrad` plus two diagnostics: ``residual = ‖(H + δI) v − ∇_w L_out‖`` of the
+    linear solve, and ``stationarity = ‖∇_w L_in(w_T)‖ / ‖∇_w L_in(w_0)‖`` (weight decay included, on the
+    last batch): IFT assumes ``w_T`` is stationary, so a large ratio means the hypergradient is off."""
 
     grads: TensorDictBase
     loss: torch.Tensor
     params: TensorDictBase
     buffers: Any
     residual: torch.Tensor
+    stationarity: torch.Tensor
+
+
+def _with_diagnostics(res, aux) -> ImplicitHyperGrad:
+    residual, stationarity = aux
+    warn_outside(
+        stationarity,
+        0.0,
+        STATIONARITY_TOLERANCE,
+        "implicit: w_T is not a stationary point of the inner loss (‖∇L_in(w_T)‖/‖∇L_in(w_0)‖ = {value}, above "
+        f"{STATIONARITY_TOLERANCE}); the IFT hypergradient assumes one: run more inner steps or use unroll",
+    )
+    return ImplicitHyperGrad(*res, residual, stationarity)
 
 
 def _check_optimizer(loop: InnerLoop) -> float:
@@ -58,8 +77,11 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
     (Rajeswaran et al. 2019). Hessian-vector products are forward-over-reverse
     (``jvp`` of ``grad``). The optimizer's constant weight decay is part of the inner objective
     (its fixed point solves :math:`\nabla L_{in} + \text{wd}\, w = 0`). With per-step batches the
-    Hessian and the mixed term use the last batch :math:`D_T`. The result has a ``residual``
-    field, the norm of the linear system's residual.
+    Hessian and the mixed term use the last batch :math:`D_T`. The result has two diagnostics:
+    ``residual``, the norm of the linear system's residual, and ``stationarity``,
+    :math:`\|\nabla_w L_{in}(w_T)\| / \|\nabla_w L_{in}(w_0)\|`; above ``1e-3`` a ``RuntimeWarning``
+    says the hypergradient cannot be trusted (checked on eager CPU calls; under ``vmap``,
+    ``torch.compile`` or on CUDA read the field).
 
     Limits: IFT assumes :math:`w_T` is a stationary point of the inner loss; it cannot
     differentiate optimizer hyperparameters (a learning rate that depends on ``hparams`` is an
@@ -67,8 +89,8 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
     transform is wrapped in :func:`hyperfunc.fomaml` or :func:`hyperfunc.reptile`. With module
     buffers, the Hessian is taken at :math:`(w_T, \text{buffers}_T)`.
 
-    Cost: ``T`` gradient steps, ``iters`` Hessian-vector products, one mixed VJP and one more
-    product for the residual; memory O(|s| + H), flat in ``T``.
+    Cost: ``T`` gradient steps, ``iters`` Hessian-vector products, one mixed VJP, one more
+    product for the residual and two gradients for the stationarity; memory O(|s| + H), flat in ``T``.
 
     Example:
         >>> import hyperfunc as hf
@@ -124,14 +146,17 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
             solution = solve(hvp, bound.params(alpha_T))
             mixed_h, mixed_d = torch.func.vjp(lambda h, d: inner_grad(w, h, d), bound.h, prep.d)[1](solution.x)
             mixed = HyperCotangent(mixed_h, mixed_d).times(-1.0)
-            return Outcome(direct.plus(mixed), loss, sT, bT, InitTerm.ABSENT, solution.residual)
+            g_T, g_0 = inner_grad(w, bound.h, prep.d), inner_grad(bound.params(bound.initial()), bound.h, prep.d)
+            stationarity = safe_divide(dot(g_T, g_T).sqrt(), dot(g_0, g_0).sqrt())
+            aux = (solution.residual, stationarity)
+            return Outcome(direct.plus(mixed), loss, sT, bT, InitTerm.ABSENT, aux)
 
         return make_transform(
             algorithm,
             f"implicit({method!r})",
             loop,
             outer_loss,
-            lambda res, residual: ImplicitHyperGrad(*res, residual),
+            _with_diagnostics,
         )
 
     return transform

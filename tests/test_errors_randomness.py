@@ -1,0 +1,75 @@
+"""Randomness: recomputation replays it, seeds use all their bits, langevin honours the loop's sampler."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from problems import DT, Quadratic, td, tree_close
+from tensordict import TensorDict
+
+import hyperfunc as hf
+
+
+def _dropout_problem():
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(8, 16, 5, generator=g, dtype=DT), torch.randn(20, 5, generator=g, dtype=DT)
+    y, yv = x.sum(-1, keepdim=True), xv.sum(-1, keepdim=True)
+
+    def inner(p, h, b):
+        hidden = F.dropout(torch.tanh(b[0] @ p["w1"]), p=0.3, training=True)  # global RNG, as nn.Dropout
+        return ((hidden @ p["w2"] - b[1]) ** 2).mean() + h["l2"] * (p["w1"] ** 2).sum()
+
+    outer = lambda p, h, b: ((torch.tanh(b[0] @ p["w1"]) @ p["w2"] - b[1]) ** 2).mean()
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1, momentum=0.5), steps=8)
+    p0 = td(w1=0.3 * torch.randn(5, 6, generator=g, dtype=DT), w2=0.3 * torch.randn(6, 1, generator=g, dtype=DT))
+    return loop, outer, (TensorDict({"l2": torch.tensor(0.01, dtype=DT)}, []), p0, (x, y), (xv, yv))
+
+
+@pytest.mark.parametrize("every", [1, 3, 5])
+def test_checkpoint_recomputation_replays_dropout(every):
+    loop, outer, args = _dropout_problem()
+    torch.manual_seed(7)
+    full = hf.unroll(loop, outer)(*args)
+    after_full = torch.rand(3)
+    torch.manual_seed(7)
+    ckpt = hf.unroll(loop, outer, checkpoint_every=every)(*args)
+    tree_close(ckpt.params, full.params, rtol=1e-12, atol=1e-14)
+    tree_close(ckpt.grads, full.grads, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.rand(3), after_full)  # the global stream continues as without checkpoints
+
+
+def _sgld_chain(seed):
+    loop = hf.InnerLoop(
+        lambda p, h, x: ((p["w"] - x) ** 2).sum(),
+        hf.optim.sgld(lr=0.1, temperature=1.0, seed=seed),
+        steps=3,
+        full_batch=True,
+    )
+    return loop.run(TensorDict({}, []), td(w=torch.zeros(4, dtype=DT)), torch.ones(4, dtype=DT))["w"]
+
+
+def test_seeds_use_all_their_bits():
+    assert not torch.equal(_sgld_chain(1), _sgld_chain(1 + 2**32))
+    assert not torch.equal(_sgld_chain(2**62), _sgld_chain(0))
+    torch.testing.assert_close(_sgld_chain(5), _sgld_chain(5))  # a seed is a seed: reproducible
+
+
+def _langevin_loop(opt):
+    q = Quadratic(momentum=0.0, wd=0.0)
+    return hf.InnerLoop(q.inner, opt, steps=1), q
+
+
+def test_langevin_uses_the_loops_sgld_seed():
+    loop, q = _langevin_loop(hf.optim.sgld(lr=0.1, temperature=0.01, seed=11))
+    args = (q.hparams(), td(w=q.w0), q.b[0], q.y)
+    plain, _ = _langevin_loop(hf.optim.sgd(lr=0.1))
+    from_loop = hf.langevin(2, 3, tau=0.01)(hf.InnerLoop(q.inner, loop.optimizer, steps=1, full_batch=True), q.outer)
+    explicit = hf.langevin(2, 3, tau=0.01, seed=11)(
+        hf.InnerLoop(q.inner, plain.optimizer, steps=1, full_batch=True), q.outer
+    )
+    tree_close(from_loop(*args).grads, explicit(*args).grads, rtol=0, atol=0)
+
+
+def test_langevin_refuses_a_different_loop_temperature():
+    loop, q = _langevin_loop(hf.optim.sgld(lr=0.1, temperature=1.0, seed=11))
+    with pytest.raises(ValueError, match="the loop's sgld temperature .* differs from langevin's tau"):
+        hf.langevin(2, 3, tau=0.01)(loop, q.outer)
