@@ -31,8 +31,15 @@ def check_real(value: Any, name: str, low: float = -math.inf, positive: bool = F
     return value
 
 
-def check_seed(seed: Any, name: str = "seed") -> int:
-    """A seed: an integer in ``[0, 2**63)`` (all 63 bits reach the counter-based generator)."""
+def check_seed(seed: Any, name: str = "seed") -> Any:
+    """A seed: an integer in ``[0, 2**63)`` (all 63 bits reach the counter-based generator), or an int64
+    scalar tensor, which may differ per task under ``vmap`` (see docs/errors.md, "Randomness")."""
+    if torch.is_tensor(seed):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"{name} as a tensor must be an int64 scalar, got {seed.dtype} of shape {tuple(seed.shape)}")
+        if concrete(seed) and int(seed) < 0:
+            raise ValueError(f"{name} must lie in [0, 2**63), got {int(seed)}")
+        return seed.reshape(())
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:

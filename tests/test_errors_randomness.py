@@ -73,3 +73,29 @@ def test_langevin_refuses_a_different_loop_temperature():
     loop, q = _langevin_loop(hf.optim.sgld(lr=0.1, temperature=1.0, seed=11))
     with pytest.raises(ValueError, match="the loop's sgld temperature .* differs from langevin's tau"):
         hf.langevin(2, 3, tau=0.01)(loop, q.outer)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda seed: hf.langevin(3, 3, tau=0.1, seed=seed), lambda seed: hf.distill(0.5, theta=1.0, seed=seed)],
+    ids=["langevin", "distill"],
+)
+def test_per_task_seeds_under_vmap(make):
+    """An int64 seed tensor built into the transform inside the vmapped function gives every task its own
+    draws, each equal to the call with that task's int seed."""
+    q = Quadratic(momentum=0.0, steps=6)
+
+    def inner(p, h, b):  # ∂Φ/∂λ depends on the batch, so distill's subsample matters
+        return q.inner(p, h, b) - (p["w"] * b).sum() * h["lam"].sum()
+
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1), steps=6)
+
+    def per_task(seed, b, y):
+        return make(seed)(loop, q.outer)(q.hparams(), td(w=q.w0), b, y).grads
+
+    seeds = torch.tensor([3, 2**40 + 3])
+    same_data = torch.stack([q.b, q.b]), torch.stack([q.y, q.y])
+    batched = torch.func.vmap(per_task)(seeds, *same_data)
+    for i, seed in enumerate(seeds.tolist()):
+        tree_close(batched[i], per_task(seed, q.b, q.y), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(batched["lam"][0], batched["lam"][1])

@@ -32,16 +32,17 @@ def _hash(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def bits(shape: Any, seed: int, step: Any, stream: int, device: Any) -> torch.Tensor:
+def bits(shape: Any, seed: Any, step: Any, stream: int, device: Any) -> torch.Tensor:
     """Uniform 32-bit integers (as int64) of ``shape`` determined by ``(seed, step, stream)`` alone."""
     step = torch.as_tensor(step, dtype=torch.int64, device=device)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)  # an int, or an int64 tensor (batched per task)
     low, high = seed & _MASK, seed >> 32  # a seed in [0, 2**63): both halves enter the key
-    key = _hash(_hash(_hash(_hash(torch.tensor(low, dtype=torch.int64, device=device)) ^ high) ^ step) ^ stream)
+    key = _hash(_hash(_hash(_hash(low) ^ high) ^ step) ^ stream)
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
     return _hash(_hash(index) ^ key)
 
 
-def normal(shape: torch.Size, seed: int, step: Any, stream: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+def normal(shape: torch.Size, seed: Any, step: Any, stream: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
     """Standard normal samples of ``shape`` determined by ``(seed, step, stream)`` alone (Box-Muller)."""
     u = (bits((2, *shape), seed, step, stream, device).to(torch.float64) + 0.5) / 2.0**32
     z = torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
