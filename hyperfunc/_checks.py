@@ -36,7 +36,9 @@ def check_seed(seed: Any, name: str = "seed") -> Any:
     scalar tensor, which may differ per task under ``vmap`` (see docs/errors.md, "Randomness")."""
     if torch.is_tensor(seed):
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"{name} as a tensor must be an int64 scalar, got {seed.dtype} of shape {tuple(seed.shape)}")
+            raise TypeError(
+                f"{name} as a tensor must be an int64 scalar, got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
         if concrete(seed) and int(seed) < 0:
             raise ValueError(f"{name} must lie in [0, 2**63), got {int(seed)}")
         return seed.reshape(())
