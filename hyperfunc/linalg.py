@@ -71,9 +71,22 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
     r"""Conjugate gradient for :math:`(A + \delta I) x = b` with :math:`A` symmetric positive
     (semi)definite, ``iters`` iterations from :math:`x_0 = 0` (Hestenes & Stiefel 1952).
 
-    Exact after ``n`` iterations for an ``n``-dimensional problem in exact arithmetic. A
-    converged residual (zero curvature) stops the updates without NaNs and without host
-    synchronisation. Cost: ``iters`` products with ``A`` (plus one for the residual).
+    Exact after ``n`` iterations for an ``n``-dimensional problem in exact arithmetic. Guards,
+    all without host synchronisation, keep the answer finite and never worse than ``x = 0``:
+
+    * the iterate freezes once the residual has converged (:math:`\|r\| \le \epsilon \|b\|`) or the
+      search direction has lost its curvature (Rayleigh quotient :math:`p^\top A p / p^\top p` below
+      :math:`100\,\epsilon` times the largest one met so far; :math:`\epsilon` is the dtype's
+      machine epsilon), so a vanishing :math:`p^\top A p` never divides;
+    * the iterate returned is the one with the smallest recursive residual met (the last one
+      whenever the residuals decrease, as they do on a well-conditioned system).
+
+    Both matter on a singular :math:`A` (an over-parameterised inner problem without damping) when
+    :math:`b` leaves its range: plain CG then overshoots (its step :math:`r^\top r / p^\top A p`
+    counts the unreachable part of :math:`r`) and its iterates grow without bound; here
+    ``residual`` reports the part of :math:`b` the solve could not reach, the sign that the
+    system needs ``damping``. Cost: ``iters`` products with ``A`` (plus one for the residual),
+    memory four copies of ``b``.
 
     Example:
         >>> import torch
@@ -85,17 +98,30 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
     iters, damping = check_int(iters, "iters", 1), check_real(damping, "damping", 0.0)
     mv, b_flat, back = _flat(matvec, b)
     damped = (lambda v: axpy(damping, v, mv(v))) if damping else mv
-    x = tuple(torch.zeros_like(v) for v in b_flat)
+    eps = torch.finfo(torch.promote_types(b_flat[0].dtype, torch.float32)).eps
+    x = best = tuple(torch.zeros_like(v) for v in b_flat)
     r = p = b_flat
-    rr = dot(r, r)
+    rr = best_rr = dot(r, r)
+    floor = rr * eps**2  # converged once rr is at this level
+    top = torch.zeros_like(rr)  # largest Rayleigh quotient met so far
+    active = rr > floor
     for _ in range(iters):
         Ap = damped(p)
         pAp = dot(p, Ap)
-        step = safe_divide(rr, pAp)
+        rayleigh = safe_divide(pAp, dot(p, p))
+        top = torch.maximum(top, rayleigh)
+        active = active & (rayleigh > 100 * eps * top) & (rr > floor)
+        step = torch.where(active, safe_divide(rr, pAp), torch.zeros_like(rr))
         x = axpy(step, p, x)
         r = axpy(-step, Ap, r)
         rr_new = dot(r, r)
-        beta = safe_divide(rr_new, rr)
-        p = axpy(beta, p, r)
-        rr = rr_new
-    return Solution(back(x), _residual(damped, b_flat, x))
+        beta = torch.where(active, safe_divide(rr_new, rr), torch.zeros_like(rr))
+        p = _select(active, axpy(beta, p, r), p)
+        rr = torch.where(active, rr_new, rr)
+        better = rr < best_rr
+        best, best_rr = _select(better, x, best), torch.where(better, rr, best_rr)
+    return Solution(back(best), _residual(damped, b_flat, best))
+
+
+def _select(mask: torch.Tensor, xs: Leaves, ys: Leaves) -> Leaves:
+    return tuple(torch.where(mask, x, y) for x, y in zip(xs, ys))
