@@ -1,9 +1,11 @@
 """hyperfunc: hypergradients through functional inner loops, built on ``torch.func``."""
 
-from . import diagnostics, linalg, online, optim, tasks
+from . import diagnostics, distributed, linalg, online, optim, tasks
 from .diagnostics import Agreement, agreement, compare
 from .loop import InnerLoop
 from .modules import functional_call, module_state
+from .precision import mixed_precision
+from .saving import from_state_dict, to_state_dict
 from .transforms import (
     Estimate,
     HyperGrad,
@@ -40,23 +42,27 @@ __all__ = [
     "agreement",
     "compare",
     "diagnostics",
+    "distributed",
     "distill",
     "drmad",
     "first_order",
     "fomaml",
     "forward",
+    "from_state_dict",
     "functional_call",
     "greedy_accumulate",
     "implicit",
     "langevin",
     "linalg",
     "linear_estimation",
+    "mixed_precision",
     "module_state",
     "online",
     "one_step",
     "optim",
     "reptile",
     "tasks",
+    "to_state_dict",
     "truncate",
     "unroll",
 ]

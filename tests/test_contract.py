@@ -84,14 +84,17 @@ def test_init_term_buffers_and_chain_rule(name):
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_vmapped_equals_looped_with_learned_init_and_buffers(name):
+def test_vmapped_and_chunked_equal_looped_with_learned_init_and_buffers(name):
     loop, outer, hparams, buffers, params0 = _setup(name)
-    tasks = [data(seed, steps=T) for seed in range(2)]
+    tasks = [data(seed, steps=T) for seed in range(3)]
     stack = lambda i, j: torch.stack([t[i][j] for t in tasks])
-    batches, val = (stack(0, 0), stack(0, 1)), (stack(1, 0), stack(1, 1))
+    args = (hparams, params0, (stack(0, 0), stack(0, 1)), (stack(1, 0), stack(1, 1)), torch.stack([buffers] * 3))
     hg = TRANSFORMS[name](loop, outer)
     in_dims = (None, None, 0, 0, 0)
-    batched = torch.func.vmap(hg, in_dims=in_dims)(hparams, params0, batches, val, torch.stack([buffers] * 2))
+    batched = torch.func.vmap(hg, in_dims=in_dims)(*args)
+    chunked = torch.func.vmap(hg, in_dims=in_dims, chunk_size=2)(*args)  # the memory trade of docs/scale.md
+    tree_close(chunked.grads, batched.grads, rtol=1e-12, atol=1e-14)
+    tree_close(chunked.buffers, batched.buffers, rtol=1e-12, atol=1e-14)
     for i, (b, v) in enumerate(tasks):
         single = hg(hparams, params0, b, v, buffers=buffers)
         tree_close(batched.grads[i], single.grads, rtol=1e-9, atol=1e-11)

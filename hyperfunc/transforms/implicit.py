@@ -83,6 +83,12 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
     says the hypergradient cannot be trusted (checked on eager CPU calls; under ``vmap``,
     ``torch.compile`` or on CUDA read the field).
 
+    On an over-parameterised inner problem (more params than data, e.g. a linear head on few
+    shots) :math:`H` is singular and ``damping=0`` leaves the system without a solution: ``cg``
+    stays finite (see :func:`hyperfunc.linalg.cg`) but ``residual`` stays large and the
+    hypergradient can steer meta-training into an unstable inner loop; use ``damping > 0``
+    (iMAML's proximal term; ``docs/benchmarks.md``, stress run).
+
     Limits: IFT assumes :math:`w_T` is a stationary point of the inner loss; it cannot
     differentiate optimizer hyperparameters (a learning rate that depends on ``hparams`` is an
     error) and it has no :math:`w_0` term: a learned ``params0`` is a ``ValueError`` unless the

@@ -1,0 +1,82 @@
+r"""Meta-training state as flat dicts of tensors, for ``torch.save``/``torch.load(weights_only=True)``.
+
+Hyperparameters (TensorDicts), TorchOpt states (named tuples), online states, RNG states: any
+pytree of tensors becomes ``{key path: tensor}``, which ``torch.load(..., weights_only=True)``
+reads back without trusting pickled classes. Loading fills the same structure built afresh (as
+``nn.Module.load_state_dict`` does), checking every key, shape and dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["from_state_dict", "to_state_dict"]
+
+_NUMBERS = (bool, int, float)
+
+
+def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
+    """``{key path: tensor}`` for every leaf of ``tree`` (detached copies; Python numbers become
+    0-d tensors).
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> state = {"hparams": TensorDict({"w": torch.ones(2)}, []), "step": 3}
+        >>> hf.to_state_dict(state)
+        {"['hparams']['w']": tensor([1., 1.]), "['step']": tensor(3)}
+    """
+    out = {}
+    for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+        key = pytree.keystr(path)
+        if torch.is_tensor(leaf):
+            out[key] = leaf.detach().clone()
+        elif isinstance(leaf, _NUMBERS):
+            out[key] = torch.tensor(leaf)
+        elif leaf is not None:
+            raise TypeError(f"to_state_dict: the leaf at {key} is a {type(leaf).__name__}; only tensors and numbers")
+    return out
+
+
+def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
+    """``like`` with every leaf replaced by the saved one (same key paths, shapes and dtypes;
+    Python numbers come back as the type of ``like``'s leaf). ``like`` is the structure built
+    afresh, e.g. the hyperparameters and ``meta_opt.init(hparams)`` of a new run; it is not
+    modified. Tensors land on ``like``'s devices.
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> saved = hf.to_state_dict({"w": torch.ones(2), "step": 3})
+        >>> hf.from_state_dict(saved, like={"w": torch.zeros(2), "step": 0})
+        {'w': tensor([1., 1.]), 'step': 3}
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"from_state_dict(state, like): state must be a dict, got {type(state).__name__}")
+    flat, spec = pytree.tree_flatten_with_path(like)
+    keys = [pytree.keystr(path) for path, _ in flat]
+    missing = [k for k, (_, leaf) in zip(keys, flat) if leaf is not None and k not in state]
+    extra = sorted(set(state) - set(keys))
+    if missing or extra:
+        raise ValueError(
+            f"from_state_dict: the saved state does not match like: missing {missing[:5]}, unexpected {extra[:5]}; "
+            "build like exactly as the saved run did (same hyperparameters, optimizer and options)"
+        )
+    leaves = []
+    for key, (_, leaf) in zip(keys, flat):
+        if leaf is None:
+            leaves.append(None)
+            continue
+        saved = state[key]
+        if torch.is_tensor(leaf):
+            if saved.shape != leaf.shape or saved.dtype != leaf.dtype:
+                raise ValueError(
+                    f"from_state_dict: {key} was saved as {saved.dtype} {tuple(saved.shape)} but like has "
+                    f"{leaf.dtype} {tuple(leaf.shape)}"
+                )
+            leaves.append(saved.to(leaf.device, copy=True))
+        else:
+            leaves.append(type(leaf)(saved.item()))
+    return pytree.tree_unflatten(leaves, spec)

@@ -1,0 +1,62 @@
+"""hyperfunc.saving: meta-training state through torch.save / torch.load(weights_only=True)."""
+
+import pytest
+import torch
+import torchopt
+from tensordict import TensorDict
+
+import hyperfunc as hf
+
+
+def _state(value: float = 1.0):
+    hparams = TensorDict({"body": {"w": torch.full((2, 3), value)}, "log_lr": torch.tensor(value)}, [])
+    meta_opt = torchopt.adam(1e-3)
+    meta_state = meta_opt.init(hparams)
+    grads = hparams.apply(lambda x: x * 0 + value)
+    _, meta_state = meta_opt.update(grads, meta_state, params=hparams)
+    stream = torch.Generator().manual_seed(int(value))
+    return {"hparams": hparams, "meta_state": meta_state, "iteration": 7, "stream": stream.get_state()}
+
+
+def test_round_trip_through_weights_only_load(tmp_path):
+    state = _state(2.0)
+    torch.save(hf.to_state_dict(state), tmp_path / "ckpt.pt")
+    loaded = hf.from_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True), like=_state(0.0))
+    assert loaded["iteration"] == 7 and isinstance(loaded["iteration"], int)
+    assert (loaded["hparams"] == state["hparams"]).all()
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(loaded["meta_state"]), torch.utils._pytree.tree_leaves(state["meta_state"])
+    ):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    g = torch.Generator()
+    g.set_state(loaded["stream"])
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(2)))
+
+
+def test_to_state_dict_copies_and_does_not_alias():
+    hparams = TensorDict({"w": torch.ones(2, requires_grad=True)}, [])
+    saved = hf.to_state_dict(hparams)
+    assert not saved["['w']"].requires_grad
+    saved["['w']"].add_(1.0)
+    assert torch.equal(hparams["w"].detach(), torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "state, like, match",
+    [
+        ({"['w']": torch.ones(2)}, {"w": torch.ones(2), "v": torch.ones(1)}, "missing"),
+        ({"['w']": torch.ones(2), "['x']": torch.ones(1)}, {"w": torch.ones(2)}, "unexpected"),
+        ({"['w']": torch.ones(3)}, {"w": torch.ones(2)}, r"saved as torch.float32 \(3,\)"),
+        ({"['w']": torch.ones(2, dtype=torch.float64)}, {"w": torch.ones(2)}, "torch.float64"),
+    ],
+)
+def test_mismatches_are_named(state, like, match):
+    with pytest.raises(ValueError, match=match):
+        hf.from_state_dict(state, like)
+
+
+def test_unsupported_leaves_are_refused():
+    with pytest.raises(TypeError, match="only tensors and numbers"):
+        hf.to_state_dict({"f": "text"})
+    with pytest.raises(TypeError, match="state must be a dict"):
+        hf.from_state_dict([torch.ones(1)], like=[torch.ones(1)])
