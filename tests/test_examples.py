@@ -2,7 +2,9 @@
 
 import importlib
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,3 +37,37 @@ def test_example_quick(name, tmp_path, monkeypatch):
         numbers = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", text)]
         assert numbers and all(math.isfinite(x) for x in numbers), text
     assert list(tmp_path.glob("*.png")), "no plot written"
+
+
+def _run(*args: str, processes: int = 1) -> str:
+    """The last line printed by examples/distributed_meta.py, run by torchrun with ``processes`` ranks."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    command = [*launcher, str(EXAMPLES / "distributed_meta.py"), "--quick", *args]
+    out = subprocess.run(
+        command, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_distributed_example_two_processes_print_the_single_process_line():
+    """Uneven shards (3 tasks over 2 ranks): the same 12 digits as one process (float64)."""
+    one = _run("--meta-batch", "3")
+    assert one.startswith("final meta-validation loss")
+    assert _run("--meta-batch", "3", processes=2) == one
+
+
+def test_distributed_example_resume_is_exact_per_rank(tmp_path):
+    """6 iterations equal 3, save, load in fresh processes, 3 more: bit for bit, on each of 2 ranks."""
+    import torch
+
+    straight, first, resumed = (str(tmp_path / name) for name in ("straight", "first", "resumed"))
+    _run("--iterations", "6", "--save", straight, processes=2)
+    _run("--iterations", "3", "--save", first, processes=2)
+    _run("--iterations", "6", "--resume", first, "--save", resumed, processes=2)
+    for rank in range(2):
+        a = torch.load(f"{straight}.rank{rank}.pt", weights_only=True)
+        b = torch.load(f"{resumed}.rank{rank}.pt", weights_only=True)
+        c = torch.load(f"{first}.rank{rank}.pt", weights_only=True)
+        assert a.keys() == b.keys() and int(a["['iteration']"]) == 6
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+        assert not torch.equal(a["['hparams']['body']['0']['weight']"], c["['hparams']['body']['0']['weight']"])
