@@ -99,6 +99,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # every source of randomness is seeded: the global RNG too
     dtype = getattr(torch, args.dtype or ("float64" if args.quick else "float32"))
 
     loop, outer, hparams, params0, buffers, sample = (sinusoid_problem if args.quick else conv_bn_problem)(args, dtype)
