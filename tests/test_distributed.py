@@ -13,15 +13,15 @@ from hyperfunc import distributed
 ITERATIONS = 5
 
 
-def _problem():
+def _problem(compiled: bool = False):
     problem = hf.tasks.anil_sinusoid(steps=3, hidden=8, dtype=torch.float64)
     hg = torch.func.vmap(hf.unroll(problem.loop, problem.outer_loss), in_dims=(None, None, 0, 0))
-    return problem, hg
+    return problem, torch.compile(hg, backend="aot_eager") if compiled else hg
 
 
-def _train(n_tasks: int, hparams: TensorDict) -> TensorDict:
+def _train(n_tasks: int, hparams: TensorDict, compiled: bool = False) -> TensorDict:
     """ITERATIONS meta-iterations of Adam on the sharded meta-batch (one process: the whole batch)."""
-    problem, hg = _problem()
+    problem, hg = _problem(compiled)
     meta_opt = torchopt.adam(1e-2)
     hparams, state = distributed.broadcast((hparams, meta_opt.init(hparams)))
     stream = torch.Generator().manual_seed(0)
@@ -34,7 +34,7 @@ def _train(n_tasks: int, hparams: TensorDict) -> TensorDict:
     return hparams, res.loss
 
 
-def _worker(rank: int, size: int, store: str, n_tasks: int, out: str) -> None:
+def _worker(rank: int, size: int, store: str, n_tasks: int, compiled: bool, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     torch.set_num_threads(1)
     try:
@@ -42,15 +42,20 @@ def _worker(rank: int, size: int, store: str, n_tasks: int, out: str) -> None:
         if rank > 0:  # broadcast must replace whatever the other ranks start from
             hparams = hparams.apply(lambda x: x + 1.0)
         counts = torch.tensor([len(distributed.shard_range(n_tasks))])
-        trained, loss = _train(n_tasks, hparams)
+        trained, loss = _train(n_tasks, hparams, compiled)
         torch.save({"hparams": hf.to_state_dict(trained), "loss": loss, "count": counts}, f"{out}.{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("n_tasks", [4, 3], ids=["even", "uneven"])
-def test_two_gloo_processes_equal_one_process(tmp_path, n_tasks):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), n_tasks, str(tmp_path / "rank")), nprocs=2, join=True)
+@pytest.mark.parametrize(
+    "n_tasks, compiled", [(4, False), (3, False), (4, True)], ids=["even", "uneven", "compiled_hg"]
+)
+def test_two_gloo_processes_equal_one_process(tmp_path, n_tasks, compiled):
+    """Compiled: each rank runs torch.compile(vmap(hg)) (aot_eager: the traced graph, without inductor's
+    slow C++ build) and reduces its outputs; the reference stays eager."""
+    args = (2, str(tmp_path / "store"), n_tasks, compiled, str(tmp_path / "rank"))
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
     reference, ref_loss = _train(n_tasks, _problem()[0].hparams)
     results = [torch.load(tmp_path / f"rank.{r}.pt", weights_only=True) for r in range(2)]
     assert [int(r["count"]) for r in results] == [n_tasks - n_tasks // 2, n_tasks // 2]
