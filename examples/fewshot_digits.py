@@ -115,7 +115,7 @@ def meta_train(transform, loop, outer, hparams, head0, sample, args, desc):
         heads = head0.expand(args.meta_batch).clone()
         if transform == "distill" and it % args.estimate_every == 0:
             fit = vmapped(hf.linear_estimation(args.gamma), loop, outer)
-            theta = fit(hparams, heads, tasks.inner_batches, tasks.outer_batch).theta.mean()
+            theta = fit(hparams, heads, tasks.inner_batches, tasks.outer_batch).pooled()
             hg = vmapped(hf.distill(args.gamma, theta=float(theta)), loop, outer)
         res = hg(hparams, heads, tasks.inner_batches, tasks.outer_batch)
         updates, state = meta.update(res.grads.mean(0), state, params=hparams)

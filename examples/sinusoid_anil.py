@@ -95,7 +95,7 @@ def meta_train(name: str, kind: str, factory, problem, args, seed: int):
             if factory == "distill":  # Algorithm 3: θ refitted by Algorithm 4 every N inner optimizations
                 if episode % args.estimate_every == 0:
                     fit = hf.linear_estimation(args.gamma)(problem.loop, problem.outer_loss)
-                    theta = torch.func.vmap(fit, in_dims=(None, 0, 0, 0))(hparams, heads, *batch_args).theta.mean()
+                    theta = torch.func.vmap(fit, in_dims=(None, 0, 0, 0))(hparams, heads, *batch_args).pooled()
                     thetas.append((episode, float(theta)))
                 online = hf.online.distill(args.gamma, theta=theta)(problem.loop, problem.outer_loss)
             else:

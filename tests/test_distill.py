@@ -200,3 +200,18 @@ def test_distill_errors():
     batches = (torch.ones(2, 3), torch.ones(2, 4))
     with pytest.raises(ValueError, match="leading example dimension"):
         hf.distill(0.5, theta=1.0)(ragged, quad.outer)(quad.hparams(), td(w=quad.w0), batches, quad.y)
+
+
+def test_pooled_theta_is_least_squares_over_every_task_of_a_meta_batch():
+    problem = hf.tasks.anil_sinusoid(steps=6, hidden=8, dtype=DT)
+    tasks = hf.tasks.sinusoid_tasks(3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    fit = torch.func.vmap(hf.linear_estimation(0.9)(problem.loop, problem.outer_loss), in_dims=(None, None, 0, 0))
+    est = fit(problem.hparams, problem.params0, tasks.inner_batches, tasks.outer_batch)
+    assert est.x.shape == est.y.shape == (3, 6) and est.theta.shape == (3,)
+    x, y = est.x.flatten(), est.y.flatten()
+    solution = torch.linalg.lstsq(x[:, None], y[:, None]).solution.squeeze()
+    torch.testing.assert_close(est.pooled(), solution, rtol=1e-12, atol=0)
+    # one task: the pooled fit is that task's own fit
+    torch.testing.assert_close(hf.Estimate(est.theta[0], est.x[0], est.y[0]).pooled(), est.theta[0])
+    # not the mean of the per-task fits (unless they all agree)
+    assert not torch.isclose(est.pooled(), est.theta.mean())
