@@ -1,42 +1,47 @@
 """Quick start: ANIL meta-learning on sinusoids, hyperparameters updated with TorchOpt's Adam.
 
 The body of a 1-100-100-100-1 ReLU MLP is the hyperparameter; the last layer is trained inside
-each task by 30 SGD steps. Every meta-iteration vmaps the exact hypergradient over 10 tasks.
+each task by 30 SGD steps. Every meta-iteration vmaps the exact hypergradient over 10 tasks. The
+last lines compare the meta-test MSE on 500 new tasks before and after meta-training.
 
-    python examples/quickstart.py --iterations 200
+    python examples/quickstart.py                    # 1000 meta-iterations, about a minute on 2 cores
+    python examples/quickstart.py --iterations 3     # seconds
 """
 
 import argparse
 
 import torch
 import torchopt
+from tqdm import tqdm
 
 import hyperfunc as hf
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    problem = hf.tasks.anil_sinusoid(steps=30)  # loop, outer_loss, hparams (the body), params0 (the head)
+    problem = hf.tasks.anil_sinusoid(steps=30)  # body = hyperparameters, last layer = inner params
     hg = torch.func.vmap(hf.unroll(problem.loop, problem.outer_loss), in_dims=(None, 0, 0, 0))
 
+    def meta_test(hparams, n=500):  # adapt the head on each new task, then MSE on its held-out points
+        tasks = hf.tasks.sinusoid_tasks(n, generator=torch.Generator().manual_seed(10_000))
+        return hg(hparams, torch.stack([problem.params0] * n), tasks.inner_batches, tasks.outer_batch).loss.mean()
+
     meta_opt = torchopt.adam(1e-3)
-    hparams = problem.hparams
-    meta_state = meta_opt.init(hparams)
-    heads = torch.stack([problem.params0] * 10)
-    for it in range(args.iterations + 1):
+    hparams, meta_state = problem.hparams, meta_opt.init(problem.hparams)
+    heads = torch.stack([problem.params0] * 10)  # one head per task in the meta-batch
+    for _ in (bar := tqdm(range(args.iterations), desc="meta-training")):
         tasks = hf.tasks.sinusoid_tasks(10, generator=gen)
         res = hg(hparams, heads, tasks.inner_batches, tasks.outer_batch)
-        grads = res.grads.mean(0)  # average over the meta-batch
-        updates, meta_state = meta_opt.update(grads, meta_state, params=hparams)
+        updates, meta_state = meta_opt.update(res.grads.mean(0), meta_state, params=hparams)
         hparams = torchopt.apply_updates(hparams, updates, inplace=False)
-        if it % 50 == 0:
-            print(f"iteration {it:4d}   meta-validation MSE {res.loss.mean():.3f}")
+        bar.set_postfix(meta_batch_mse=f"{res.loss.mean():.3f}")
+    print(f"meta-test MSE on 500 new tasks: {meta_test(problem.hparams):.3f} before, {meta_test(hparams):.3f} after")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@ def test_example_quick(name, tmp_path, monkeypatch):
     assert list(tmp_path.glob("*.png")), "no plot written"
 
 
+def test_quickstart_trains_and_evaluates(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--iterations", "3"])
+    importlib.import_module("quickstart").main()
+    before, after = map(float, re.findall(r"(\d+\.\d+) before, (\d+\.\d+) after", capsys.readouterr().out)[0])
+    assert math.isfinite(after) and after < before  # 3 Adam steps already help on average
+
+
 def _run(*args: str, processes: int = 1) -> str:
     """The last line printed by examples/distributed_meta.py, run by torchrun with ``processes`` ranks."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
