@@ -23,12 +23,16 @@ from _measure import markdown, median_seconds, peak_bytes  # noqa: E402
 import hyperfunc as hf  # noqa: E402
 
 
-def lr_wd_problem(steps: int) -> hf.tasks.MetaProblem:
-    """The ANIL problem with a frozen body and hparams = {log_lr, log_wd} (for ``forward``)."""
-    base = hf.tasks.anil_sinusoid(steps=steps)
+def lr_wd_problem(steps: int, **anil) -> hf.tasks.MetaProblem:
+    """The ANIL problem with a frozen body and hparams = {log_lr, log_wd} (for ``forward``); ``anil`` goes
+    to :func:`hyperfunc.tasks.anil_sinusoid` (hidden, dtype)."""
+    base = hf.tasks.anil_sinusoid(steps=steps, **anil)
+    dtype = base.params0["weight"].dtype
     opt = hf.optim.sgd(lr=lambda h: h["log_lr"].exp(), momentum=0.9, weight_decay=lambda h: h["log_wd"].exp())
     loop = hf.InnerLoop(base.loop.inner_loss, opt, steps=steps, full_batch=True, prepare=_frozen(base))
-    hparams = TensorDict({"log_lr": torch.tensor(0.01).log(), "log_wd": torch.tensor(1e-4).log()}, batch_size=[])
+    hparams = TensorDict(
+        {"log_lr": torch.tensor(0.01, dtype=dtype).log(), "log_wd": torch.tensor(1e-4, dtype=dtype).log()}, []
+    )
 
     def outer(p, h, batch):
         return base.outer_loss(p, base.hparams, batch)
@@ -40,9 +44,9 @@ def _frozen(base):
     return lambda h, batch: base.loop.prepare(base.hparams, batch)
 
 
-def plain_sgd_problem(steps: int) -> hf.tasks.MetaProblem:
+def plain_sgd_problem(steps: int, **anil) -> hf.tasks.MetaProblem:
     """The ANIL problem with plain SGD inside (HPO-SGLD's sampler has no momentum)."""
-    return hf.tasks.anil_sinusoid(steps=steps, momentum=0.0)
+    return hf.tasks.anil_sinusoid(steps=steps, momentum=0.0, **anil)
 
 
 def transforms(steps: int, only=None):

@@ -53,10 +53,10 @@ def concrete(x: Any) -> bool:
     """A CPU tensor outside any torch.func transform or compilation: its value can be read without a
     device synchronisation or a graph break (elsewhere value checks are skipped, see docs/errors.md)."""
     return (
-        torch.is_tensor(x)
+        not torch.compiler.is_compiling()  # first: dynamo cannot trace the functorch query below
+        and torch.is_tensor(x)
         and x.device.type == "cpu"
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        and not torch.compiler.is_compiling()
     )
 
 

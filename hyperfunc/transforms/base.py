@@ -22,7 +22,6 @@ through ``prepare`` (one VJP), the term through a learned initialization :math:`
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Optional, Union
@@ -141,6 +140,7 @@ class Bound:
     outer_batch: Any
     buffers: Any  # a TensorDict, or () for none
     exact_init: bool = True
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def bind(
@@ -265,14 +265,18 @@ class Bound:
         return HyperCotangent(self.zeros_h(), self.zeros_d())
 
     # -- prepared batches ----------------------------------------------------------------------
-    @functools.cached_property
+    @property
     def prep(self) -> Prepared:
-        """``prepare`` evaluated once, with its VJP kept (identity when the loop has no ``prepare``)."""
-        if self.loop.prepare is None:
-            return Prepared((), lambda d: self.batches, None)
-        fn, rebuild_with = self.prepare_fn()
-        d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
-        return Prepared(d, rebuild_with(others), vjp_fn)
+        """``prepare`` evaluated once, with its VJP kept (identity when the loop has no ``prepare``).
+        Cached in a plain dict: ``functools.cached_property`` takes a lock that ``torch.compile`` cannot trace."""
+        if "prep" not in self._cache:
+            if self.loop.prepare is None:
+                self._cache["prep"] = Prepared((), lambda d: self.batches, None)
+            else:
+                fn, rebuild_with = self.prepare_fn()
+                d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
+                self._cache["prep"] = Prepared(d, rebuild_with(others), vjp_fn)
+        return self._cache["prep"]
 
     def prepare_fn(self) -> tuple[Callable, Callable]:
         """``fn(h) -> (d, others)``: the floating leaves of prepare's output and its other tensors
@@ -331,7 +335,7 @@ class Bound:
         return HyperGrad(build(self.hkeys, grads), out.loss, params, out.b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class HyperGradFunction:
     """``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``: an algorithm bound
     to a loop and an outer loss. Every transform returns one; it is a pure function of its inputs.
@@ -347,6 +351,9 @@ class HyperGradFunction:
     name: str
     output: Optional[Callable[[HyperGrad, Any], Any]] = None
     init_rule: Optional[InitRule] = field(default=None)
+
+    def __repr__(self) -> str:  # dataclasses' repr guards recursion with a thread id torch.compile cannot trace
+        return f"HyperGradFunction({self.name})"
 
     def __call__(self, hparams, params0, inner_batches, outer_batch, buffers=None):
         bound = self.bind(hparams, params0, inner_batches, outer_batch, buffers)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.utils._pytree as pytree
 
-from .._checks import check_real, check_seed, warn_outside
+from .._checks import check_real, check_seed, concrete, warn_outside
 from .._tree import Leaves, add, dot, safe_divide, scale, tensor_leaves, tree_index
 from ..loop import InnerLoop, Loss
 from ..optim._noise import bits
@@ -182,7 +182,7 @@ def check_theta(theta: Any) -> Any:
     if torch.is_tensor(theta):
         if theta.numel() != 1 or not theta.is_floating_point():
             raise ValueError(f"theta must be a floating scalar, got {theta.dtype} of shape {tuple(theta.shape)}")
-        if not torch._C._functorch.is_functorch_wrapped_tensor(theta) and not torch.isfinite(theta).all():
+        if concrete(theta) and not torch.isfinite(theta).all():
             raise ValueError(f"theta must be finite, got {theta}")
         return theta.reshape(())
     return check_real(theta, "theta")

@@ -74,8 +74,9 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
     ``method="neumann"`` approximates :math:`v = \alpha \sum_{k=0}^{K} (I - \alpha H)^k \nabla_w L_{out}`
     (Lorraine et al. 2020, Algorithm 3; ``alpha`` defaults to the SGD learning rate of the loop);
     ``method="cg"`` runs ``iters`` conjugate-gradient iterations with damping :math:`\delta`
-    (Rajeswaran et al. 2019). Hessian-vector products are forward-over-reverse
-    (``jvp`` of ``grad``). The optimizer's constant weight decay is part of the inner objective
+    (Rajeswaran et al. 2019). Hessian-vector products are reverse-over-reverse: the
+    gradient at :math:`w_T` is linearised once and each product is one VJP of it (exact, as
+    :math:`H` is symmetric). The optimizer's constant weight decay is part of the inner objective
     (its fixed point solves :math:`\nabla L_{in} + \text{wd}\, w = 0`). With per-step batches the
     Hessian and the mixed term use the last batch :math:`D_T`. The result has two diagnostics:
     ``residual``, the norm of the linear system's residual, and ``stationarity``,
@@ -144,8 +145,12 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
                 g = loop._grad(keys, w, bound.hparams(h), batch, bT)[0]
                 return axpy(wd, w, g) if wd else g
 
+            # H v = (vᵀ H)ᵀ (H is a Hessian, so symmetric): one VJP of the gradient, linearised once and
+            # reused by every iteration; reverse-over-reverse also compiles where jvp-of-grad does not
+            hessian_vjp = torch.func.vjp(lambda w: inner_grad(w, bound.h, prep.d), w)[1]
+
             def hvp(v: Leaves) -> Leaves:
-                hv = torch.func.jvp(lambda w: inner_grad(w, bound.h, prep.d), (w,), (v,))[1]
+                hv = hessian_vjp(v)[0]
                 return axpy(shift, v, hv) if shift else hv
 
             loss, alpha_T, direct = bound.outer_vjp(sT, bT)

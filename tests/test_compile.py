@@ -1,0 +1,66 @@
+"""torch.compile(vmap(hg), fullgraph=True): one graph per transform, equal to eager, no recompilation
+when only tensor values change (new hyperparameters, new tasks).
+
+Compiled with dynamo's CompileCounter backend: it traces exactly what inductor would receive (a
+graph break fails ``fullgraph=True``) and counts the compiled frames, without inductor's slow C++
+build. ANIL sinusoids in float64 with ``prepare`` (the body's features), 2 vmapped tasks, T = 3.
+
+Not here yet (issue "Speed: compiled hypergradients"): ``unroll(checkpoint_every=k)``, whose RNG
+replay reads ``torch.get_rng_state`` (dynamo refuses to trace it), and ``forward``, whose jvp of a
+grad fails in dynamo's fake-tensor pass. They are not tried in this process: a failed trace inside
+``vmap``/``grad`` leaves functorch's transform stack behind and breaks later eager calls.
+"""
+
+import pytest
+import torch
+import torch._dynamo.testing
+from problems import tree_close
+
+import hyperfunc as hf
+
+DT = torch.float64
+T = 3
+
+
+def _anil(steps):
+    return hf.tasks.anil_sinusoid(steps=steps, hidden=8, dtype=DT)
+
+
+TRANSFORMS = {
+    "unroll": (hf.unroll, _anil),
+    "truncate(2)": (hf.truncate(2), _anil),
+    "one_step": (hf.one_step, _anil),
+    "first_order": (hf.first_order, _anil),
+    "drmad": (hf.drmad, _anil),
+    "greedy_accumulate": (hf.greedy_accumulate(0.9), _anil),
+    "implicit_neumann": (hf.implicit("neumann", 3), _anil),
+    "implicit_cg": (hf.implicit("cg", 3, damping=1.0), _anil),
+    "distill(theta=1)": (hf.distill(0.9, theta=1.0), _anil),
+    "distill(fitted)": (hf.distill(0.9), _anil),
+    "langevin": (
+        hf.langevin(2, 2, 1e-5, seed=0),
+        lambda steps: hf.tasks.anil_sinusoid(steps=steps, hidden=8, momentum=0.0, dtype=DT),
+    ),
+}
+
+
+def _args(problem, seed):
+    tasks = hf.tasks.sinusoid_tasks(2, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    hparams = problem.hparams.apply(lambda x: x * (1 + 0.1 * seed))  # new values, same shapes
+    return hparams, problem.params0, tasks.inner_batches, tasks.outer_batch
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_fullgraph_compile_equals_eager_without_recompiling(name):
+    transform, make = TRANSFORMS[name]
+    problem = make(T)
+    hg = torch.func.vmap(transform(problem.loop, problem.outer_loss), in_dims=(None, None, 0, 0))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(hg, backend=counter, fullgraph=True)
+    for seed in range(2):
+        args = _args(problem, seed)
+        res, ref = compiled(*args), hg(*args)
+        tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
