@@ -26,6 +26,7 @@ from .transforms.distill import online_distill as distill
 from .transforms.forward import online_forward as forward
 from .transforms.greedy import online_greedy_accumulate as greedy_accumulate
 from .transforms.greedy import online_one_step as one_step
+from .transforms.implicit import online_implicit as implicit
 from .transforms.langevin import online_langevin as langevin
 
-__all__ = ["Online", "OnlineState", "distill", "forward", "greedy_accumulate", "langevin", "one_step"]
+__all__ = ["Online", "OnlineState", "distill", "forward", "greedy_accumulate", "implicit", "langevin", "one_step"]

@@ -106,6 +106,7 @@ ONLINE = {
     "greedy": (hf.online.greedy_accumulate(0.7), hf.greedy_accumulate(0.7)),
     "forward": (hf.online.forward, hf.forward),
     "distill": (hf.online.distill(0.8, theta=0.5, seed=3), hf.distill(0.8, theta=0.5, seed=3)),
+    "implicit_cg": (hf.online.implicit("cg", 3, damping=0.1), hf.implicit("cg", 3, damping=0.1)),
 }
 
 

@@ -16,6 +16,8 @@ PAIRS = {
     "greedy": (hf.online.greedy_accumulate(0.9), hf.greedy_accumulate(0.9)),
     "forward": (hf.online.forward, hf.forward),
     "distill": (hf.online.distill(0.9, theta=0.6, seed=5), hf.distill(0.9, theta=0.6, seed=5)),
+    "implicit_cg": (hf.online.implicit("cg", 4, damping=0.1), hf.implicit("cg", 4, damping=0.1)),
+    "implicit_neumann": (hf.online.implicit("neumann", 4), hf.implicit("neumann", 4)),
 }
 
 
@@ -45,11 +47,22 @@ def test_last_emission_equals_offline(name):
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_online_with_prepare_equals_offline(name):
     """prepare runs on each step's batch and is pulled back at once; the total is unchanged."""
-    loop, outer = _anil(True, False)
+    ift = name.startswith("implicit")  # IFT cannot differentiate the learning rate: keep it constant
+    loop, outer = _anil(True, False, constant_lr=ift)
     hparams, params0, batches, val = _anil_data(False)
     online, offline = PAIRS[name]
     emitted, _ = _run(online(loop, outer), hparams, params0, batches, val, ANIL_T)
-    tree_close(emitted[-1].grads, offline(loop, outer)(hparams, params0, batches, val).grads, rtol=1e-10, atol=1e-12)
+    expected = offline(loop, outer)(hparams, params0, batches, val)
+    tree_close(emitted[-1].grads, expected.grads, rtol=1e-10, atol=1e-12)
+    if ift:  # the diagnostics too; stationarity's scale is the w_0 gradient on the first batch online
+        torch.testing.assert_close(emitted[-1].residual, expected.residual, rtol=1e-8, atol=1e-14)
+        loop, _ = _anil(True, True, constant_lr=True)
+        hparams, params0, batch, val = _anil_data(True)
+        repeated = torch.utils._pytree.tree_map(lambda x: torch.stack([x] * ANIL_T), batch)
+        emitted, _ = _run(online(loop, outer), hparams, params0, repeated, val, ANIL_T)
+        expected = offline(loop, outer)(hparams, params0, batch, val)
+        torch.testing.assert_close(emitted[-1].stationarity, expected.stationarity, rtol=1e-10, atol=0)
+        assert 0 < float(expected.stationarity) < 1
 
 
 def test_online_langevin_averages_to_offline():

@@ -2,6 +2,7 @@ r"""Implicit differentiation at the final iterate (IFT; Lorraine et al. 2020, Ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -11,6 +12,7 @@ from .. import linalg
 from .._checks import check_int, check_real, warn_outside
 from .._tree import Leaves, axpy, dot, safe_divide
 from ..loop import InnerLoop, Loss
+from ._online import Online, OnlineState, Session
 from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform, refuse_loop
 from .reverse import HyperGradFn
 
@@ -63,6 +65,71 @@ def _check_optimizer(loop: InnerLoop) -> float:
     return opt.weight_decay
 
 
+class _IFT(NamedTuple):
+    """The implicit hypergradient at a given iterate, for one loop (shared by the offline and online forms)."""
+
+    loop: InnerLoop
+    solve: Any
+    shift: float
+    wd: float
+
+    def inner_grad(self, bound: Bound, w: Leaves, h: Leaves, d: Leaves, buffers: Any) -> Leaves:
+        """The fixed-point condition: the inner gradient on the last batch plus the weight decay term."""
+        batch = self.loop._batch_at(bound.prep.rebuild(d), self.loop.steps - 1)
+        g = self.loop._grad(bound.pkeys, w, bound.hparams(h), batch, buffers)[0]
+        return axpy(self.wd, w, g) if self.wd else g
+
+    def __call__(self, bound: Bound, s: Leaves, b: Any, g_0_norm: torch.Tensor) -> Outcome:
+        """IFT at the params of ``s`` (buffers ``b``); ``g_0_norm`` scales the stationarity diagnostic."""
+        prep, w = bound.prep, bound.params(s)
+        # H v = (vᵀ H)ᵀ (H is a Hessian, so symmetric): the gradient is linearised once and each product is
+        # one VJP of it; reverse-over-reverse also compiles where jvp-of-grad does not
+        g_w, hessian_vjp = torch.func.vjp(lambda w: self.inner_grad(bound, w, bound.h, prep.d, b), w)
+
+        def hvp(v: Leaves) -> Leaves:
+            hv = hessian_vjp(v)[0]
+            return axpy(self.shift, v, hv) if self.shift else hv
+
+        loss, alpha, direct = bound.outer_vjp(s, b)
+        solution = self.solve(hvp, bound.params(alpha))
+        pull = torch.func.vjp(lambda h, d: self.inner_grad(bound, w, h, d, b), bound.h, prep.d)[1]
+        mixed = HyperCotangent(*pull(solution.x)).times(-1.0)
+        stationarity = safe_divide(dot(g_w, g_w).sqrt(), g_0_norm)
+        return Outcome(direct.plus(mixed), loss, s, b, InitTerm.ABSENT, (solution.residual, stationarity))
+
+
+def _ift(method: str, iters: int, alpha: Optional[float], damping: float) -> Callable[[InnerLoop], _IFT]:
+    """Check the arguments of ``implicit``; returns ``loop -> _IFT`` (which checks the loop's optimizer)."""
+    refuse_loop(method, "hf.implicit(method, iters)")
+    if method not in SOLVERS:
+        raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
+    iters = check_int(iters, "iters", 1)
+    if alpha is not None:
+        alpha = check_real(alpha, "alpha", 0.0, positive=True)
+    damping = check_real(damping, "damping", 0.0)
+
+    def for_loop(loop: InnerLoop) -> _IFT:
+        wd = _check_optimizer(loop)
+        step = alpha
+        if method == "neumann" and step is None:
+            if loop.optimizer.preconditioned:
+                raise ValueError(
+                    f"implicit('neumann') needs alpha=... when the loop's optimizer ({loop.optimizer.name}) rescales "
+                    "the gradient: its learning rate is not a step size for the Hessian"
+                )
+            step = loop.optimizer.lr
+            if not callable(step) and not float(step) > 0:
+                raise ValueError(
+                    f"implicit('neumann') takes its step alpha from the loop's learning rate, which is {float(step)}: "
+                    "a zero step gives an all-zero hypergradient; pass alpha=... > 0"
+                )
+        if method == "neumann":
+            return _IFT(loop, lambda mv, b: linalg.neumann(mv, b, iters, step), damping, wd)
+        return _IFT(loop, lambda mv, b: linalg.cg(mv, b, iters, damping), 0.0, wd)  # cg applies its damping
+
+    return for_loop
+
+
 def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: float = 0.0) -> Transform:
     r"""Hypergradient by the implicit function theorem at :math:`w_T` (treated as a stationary point).
 
@@ -104,63 +171,16 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=50)
         >>> hg = hf.implicit("cg", iters=10)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
     """
-    refuse_loop(method, "hf.implicit(method, iters)")
-    if method not in SOLVERS:
-        raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
-    iters = check_int(iters, "iters", 1)
-    if alpha is not None:
-        alpha = check_real(alpha, "alpha", 0.0, positive=True)
-    damping = check_real(damping, "damping", 0.0)
+    ift_for = _ift(method, iters, alpha, damping)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         check_transform_args(loop, outer_loss)
-        wd = _check_optimizer(loop)
-        step = alpha
-        if method == "neumann" and step is None:
-            if loop.optimizer.preconditioned:
-                raise ValueError(
-                    f"implicit('neumann') needs alpha=... when the loop's optimizer ({loop.optimizer.name}) rescales "
-                    "the gradient: its learning rate is not a step size for the Hessian"
-                )
-            step = loop.optimizer.lr
-            if not callable(step) and not float(step) > 0:
-                raise ValueError(
-                    f"implicit('neumann') takes its step alpha from the loop's learning rate, which is {float(step)}: "
-                    "a zero step gives an all-zero hypergradient; pass alpha=... > 0"
-                )
-        solve = (
-            (lambda mv, b: linalg.neumann(mv, b, iters, step))
-            if method == "neumann"
-            else (lambda mv, b: linalg.cg(mv, b, iters, damping))
-        )
-        shift = damping if method == "neumann" else 0.0  # cg applies its damping itself
+        ift = ift_for(loop)
 
         def algorithm(bound: Bound) -> Outcome:
-            prep, keys, last = bound.prep, bound.pkeys, loop.steps - 1
-            sT, bT = bound.run(bound.initial(), bound.buffers, bound.h, prep.rebuild(prep.d), 0, loop.steps)
-            w = bound.params(sT)
-
-            def inner_grad(w: Leaves, h: Leaves, d: Leaves) -> Leaves:
-                batch = loop._batch_at(prep.rebuild(d), last)
-                g = loop._grad(keys, w, bound.hparams(h), batch, bT)[0]
-                return axpy(wd, w, g) if wd else g
-
-            # H v = (vᵀ H)ᵀ (H is a Hessian, so symmetric): one VJP of the gradient, linearised once and
-            # reused by every iteration; reverse-over-reverse also compiles where jvp-of-grad does not
-            hessian_vjp = torch.func.vjp(lambda w: inner_grad(w, bound.h, prep.d), w)[1]
-
-            def hvp(v: Leaves) -> Leaves:
-                hv = hessian_vjp(v)[0]
-                return axpy(shift, v, hv) if shift else hv
-
-            loss, alpha_T, direct = bound.outer_vjp(sT, bT)
-            solution = solve(hvp, bound.params(alpha_T))
-            mixed_h, mixed_d = torch.func.vjp(lambda h, d: inner_grad(w, h, d), bound.h, prep.d)[1](solution.x)
-            mixed = HyperCotangent(mixed_h, mixed_d).times(-1.0)
-            g_T, g_0 = inner_grad(w, bound.h, prep.d), inner_grad(bound.params(bound.initial()), bound.h, prep.d)
-            stationarity = safe_divide(dot(g_T, g_T).sqrt(), dot(g_0, g_0).sqrt())
-            aux = (solution.residual, stationarity)
-            return Outcome(direct.plus(mixed), loss, sT, bT, InitTerm.ABSENT, aux)
+            sT, bT = bound.run(bound.initial(), bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), 0, loop.steps)
+            g_0 = ift.inner_grad(bound, bound.params(bound.initial()), bound.h, bound.prep.d, bT)
+            return ift(bound, sT, bT, dot(g_0, g_0).sqrt())
 
         return make_transform(
             algorithm,
@@ -169,5 +189,56 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
             outer_loss,
             _with_diagnostics,
         )
+
+    return transform
+
+
+def online_implicit(
+    method: str, iters: int, alpha: Optional[float] = None, damping: float = 0.0
+) -> Callable[[InnerLoop, Loss], Online]:
+    r"""Online implicit differentiation (Lorraine et al. 2020; N.IFT(N, K) among HyperDistill's
+    baselines): after inner step ``t`` emit the IFT hypergradient of :func:`hyperfunc.implicit` at
+    the current iterate :math:`w_t`, on that step's batch,
+
+    .. math:: g_t = \partial_\lambda L_{out}(w_t) - \big(\partial^2_{\lambda w} L_{in}(w_t)\big)\, v_t,
+        \qquad (H_t + \delta I)\, v_t = \nabla_w L_{out}(w_t).
+
+    N.IFT(N, K) applies ``g_t`` only over the last ``K`` of the ``T`` steps, with ``iters = N``
+    (the emission before that is there to read, not to apply: IFT assumes :math:`w_t` is
+    stationary). With the hyperparameters held fixed and one batch, the emission after step ``T``
+    equals :func:`hyperfunc.implicit`'s result, diagnostics included (``stationarity`` is
+    :math:`\|\nabla L_{in}(w_t)\| / \|\nabla L_{in}(w_0)\|`, the second norm taken at step 0 on
+    its batch). Cost per step: one gradient step, ``iters`` Hessian-vector products, one mixed VJP;
+    memory O(|s| + H).
+
+    Example:
+        >>> import hyperfunc as hf
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=50)
+        >>> opt = hf.online.implicit("neumann", iters=5)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    """
+    ift_for = _ift(method, iters, alpha, damping)
+
+    def transform(loop: InnerLoop, outer_loss: Loss) -> Online:
+        session = Session.of(loop, outer_loss)
+        ift = ift_for(session.loop)
+
+        def init(hparams, params0, buffers=None) -> OnlineState:
+            return session.start(hparams, params0, buffers, lambda bound: torch.zeros((), dtype=bound.h[0].dtype))
+
+        def step(state, hparams, batch, outer_batch, t):
+            bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
+            fits = torch.is_tensor(state.extra) and state.extra.ndim == 0
+            session.check_extra(state, fits, f"online implicit({method!r})")
+            prep = bound.prep
+            g_0_norm = state.extra
+            if t == 0:  # the scale of the stationarity diagnostic: the inner gradient before the first step
+                g_0 = ift.inner_grad(bound, bound.params(s), bound.h, prep.d, bound.buffers)
+                g_0_norm = dot(g_0, g_0).sqrt().detach()
+            s, b = bound.run(s, bound.buffers, bound.h, prep.rebuild(prep.d), t, t + 1)
+            out = ift(bound, s, b, g_0_norm)
+            result = _with_diagnostics(bound.finish(out), out.aux)
+            return result, session.state(bound, s, b, t, g_0_norm)
+
+        return Online(init, step)
 
     return transform
