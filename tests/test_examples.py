@@ -16,7 +16,7 @@ sys.path.insert(0, str(EXAMPLES))
 CASES = {
     "sinusoid_anil": (
         ["sinusoid_anil"],
-        ["FO", "one_step", "HyperDistill (γ=0.9, θ refit every 50)", "N.IFT(5,10)", "drmad", "unroll"],
+        ["FO", "one_step", "HyperDistill(γ=0.9), θ refit every 50", "N.IFT(5,10)", "drmad", "unroll"],
     ),
     "online_distill": (["online_distill"], ["online one-step (γ=0, θ=1)", "HyperDistill (γ=0.9)"]),
     "synthetic_1d": (["table2_clean", "table3_noisy", "fig2_inner_iterations"], ["HPO-SGLD", "IFT-CG", "RMD"]),
