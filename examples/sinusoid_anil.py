@@ -20,6 +20,7 @@ problem without momentum, next to unroll on that problem as its reference.
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 import torchopt
@@ -72,7 +73,9 @@ def meta_test(problem, hparams, head, n_tasks: int, seed: int = 10_000) -> tuple
     mse = torch.func.vmap(lambda p, x, y: problem.outer_loss(p, hparams, (x, y)))(final, tasks.x_val, tasks.y_val)
     features, _ = torch.func.vmap(problem.loop.prepare, in_dims=(None, 0))(hparams, tasks.inner_batches)
     design = torch.cat([features, torch.ones_like(features[..., :1])], -1)
-    curvature = 2 * torch.linalg.svdvals(design)[:, 0] ** 2 / design.shape[-2]
+    finite = torch.isfinite(design).flatten(1).all(1)  # a diverged meta-training run can leave NaN features
+    top = torch.linalg.svdvals(torch.where(finite[:, None, None], design, torch.zeros_like(design)))[:, 0]
+    curvature = torch.where(finite, 2 * top**2 / design.shape[-2], torch.full_like(top, float("inf")))
     sgd = problem.loop.optimizer.args
     return mse, sgd["lr"] * curvature / (2 * (1 + sgd["momentum"]))
 
@@ -201,7 +204,8 @@ def main(argv=None):
                 "meta-test MSE": fmt_ci(scores),
                 "paper (Table 4)": PAPER.get(name, ""),
                 "median over runs": f"{scores.median():.3f}",
-                "runs worse than untrained": f"{int((scores > baseline).sum())}/{args.runs}",
+                # a diverged run (NaN) counts as worse
+                "runs worse than untrained": f"{int((~(scores <= baseline)).sum())}/{args.runs}",
                 "sharpness": f"{max(sharpness):.2f}",
                 "meta-validation MSE": f"{validation[name]:.3f}",
             }
@@ -211,7 +215,7 @@ def main(argv=None):
     for family in FAMILIES:  # the paper tunes γ and (N, K) on meta-validation: mark the configuration chosen
         members = [n for n in validation if n.startswith(family)]
         if len(members) > 1:
-            best = min(members, key=validation.get)
+            best = min(members, key=lambda n: validation[n] if math.isfinite(validation[n]) else math.inf)
             row = rows[1 + names.index(best)]
             row["method"] += " ← chosen on meta-validation"
     ax.axhline(float(baseline.mean()), color="grey", linestyle="--", label="no meta-training")
