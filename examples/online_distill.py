@@ -51,7 +51,10 @@ def main():
         }
     ]
     fig, (ax, ax_theta) = figure(1, 2, figsize=(10, 3.5))
-    methods = (("online one-step (γ=0, θ=1)", hf.online.one_step), (f"HyperDistill (γ={args.gamma})", "distill"))
+    methods = (
+        ("online one-step (γ=0, θ=1)", hf.online.one_step),
+        (f"HyperDistill (γ={args.gamma})", ("distill", args.gamma)),
+    )
     for method, factory in methods:
         hparams, head, losses, thetas = meta_train(method, "online", factory, problem, args, args.seed)
         mse, sharp = meta_test(problem, hparams, head, args.test_tasks)
