@@ -163,8 +163,10 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
     transform is wrapped in :func:`hyperfunc.fomaml` or :func:`hyperfunc.reptile`. With module
     buffers, the Hessian is taken at :math:`(w_T, \text{buffers}_T)`.
 
-    Cost: ``T`` gradient steps, ``iters`` Hessian-vector products, one mixed VJP, one more
-    product for the residual and two gradients for the stationarity; memory O(|s| + H), flat in ``T``.
+    Cost: ``T`` gradient steps, one gradient at :math:`w_T` kept linearised (it is also the
+    stationarity's numerator), ``iters`` Hessian-vector products (one VJP each), one mixed VJP, one
+    more product for the residual and one gradient at :math:`w_0`; memory O(|s| + H) plus the
+    graph of one inner gradient, flat in ``T``.
 
     Example:
         >>> import hyperfunc as hf
