@@ -107,14 +107,12 @@ def main() -> None:
         prepare = loop.prepare and hf.mixed_precision(loop.prepare)
         loop = dataclasses.replace(loop, inner_loss=hf.mixed_precision(loop.inner_loss), prepare=prepare)
         outer = hf.mixed_precision(outer)
-    to = lambda tree: tree.to(device) if tree is not None else None  # noqa: E731
-    hparams, params0, buffers = to(hparams), params0 if callable(params0) else to(params0), to(buffers)
+    hparams, params0, buffers = to_device((hparams, params0, buffers), device)  # a callable params0 is a leaf
     hg = torch.func.vmap(hf.unroll(loop, outer), in_dims=(None, None, 0, 0, 0), chunk_size=args.chunk)
     meta_opt = torchopt.adam(1e-3)
     meta_state = meta_opt.init(hparams)
     stream = torch.Generator().manual_seed(args.seed)  # the same task stream on every rank
-    local = len(distributed.shard_range(meta_batch))
-    many = () if buffers is None else torch.stack([buffers] * local)
+    many = per_task(buffers, len(distributed.shard_range(meta_batch)))
     start = 0
     if args.resume:
         saved = torch.load(f"{args.resume}.rank{rank}.pt", weights_only=True)
@@ -139,7 +137,7 @@ def main() -> None:
     # meta-validation: 64 held-out tasks from their own stream, sharded like the training tasks
     held_out = to_device(sample(64, torch.Generator().manual_seed(10_000 + args.seed)), device)
     inner, outer_batch = distributed.shard(held_out)
-    many = () if buffers is None else torch.stack([buffers] * inner[0].shape[0])
+    many = per_task(buffers, inner[0].shape[0])
     val = distributed.mean(hg(hparams, params0, inner, outer_batch, many)).loss.item()
     checksum = sum(x.double().sum() for x in hparams.values(include_nested=True, leaves_only=True)).item()
     if rank == 0:
@@ -160,6 +158,11 @@ def training_state(hparams, meta_state, iteration: int, stream: torch.Generator)
         "stream": stream.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
+
+
+def per_task(buffers, n: int):
+    """The module buffers stacked once per task (``()``: no buffers)."""
+    return () if buffers is None else torch.stack([buffers] * n)
 
 
 def to_device(tree, device):

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 from _common import figure, fmt_ci, results_dir, save, write_table
-from sinusoid_anil import meta_test, meta_train
+from sinusoid_anil import Method, meta_test, meta_train
 
 import hyperfunc as hf
 
@@ -52,11 +52,11 @@ def main():
     ]
     fig, (ax, ax_theta) = figure(1, 2, figsize=(10, 3.5))
     methods = (
-        ("online one-step (γ=0, θ=1)", hf.online.one_step),
-        (f"HyperDistill (γ={args.gamma})", ("distill", args.gamma)),
+        ("online one-step (γ=0, θ=1)", Method("online", hf.online.one_step)),
+        (f"HyperDistill (γ={args.gamma})", Method("distill", args.gamma)),
     )
-    for method, factory in methods:
-        hparams, head, losses, thetas = meta_train(method, "online", factory, problem, args, args.seed)
+    for method, how in methods:
+        hparams, head, losses, thetas = meta_train(method, how, problem, args, args.seed)
         mse, sharp = meta_test(problem, hparams, head, args.test_tasks)
         last = f"{thetas[-1][1]:.3f}" if thetas else "1 (fixed)"
         rows.append(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torchopt
@@ -41,21 +42,35 @@ PAPER = {
 }
 
 
+class Method(NamedTuple):
+    """How a method meta-trains the body.
+
+    ``kind`` is ``"offline"`` (``factory`` is a transform, one update per inner optimization),
+    ``"online"`` (``factory`` is an ``hf.online`` factory, one update per inner step; with ``last = K``
+    only the last K steps' emissions are applied, as in N.IFT(N, K)) or ``"distill"`` (HyperDistill,
+    Algorithm 3: ``factory`` is γ and θ is refitted by Algorithm 4 every ``--estimate-every`` episodes).
+    """
+
+    kind: str
+    factory: Any
+    last: Optional[int] = None
+
+
 def methods(steps: int) -> dict:
-    """name -> (kind, factory). Online factories return an ``hf.online`` pair, offline ones a transform."""
+    """name -> :class:`Method`."""
     return {
         # θ = 0 keeps only ∂_λ L_out(w_t): online first-order
-        "FO": ("online", hf.online.distill(0.0, theta=0.0)),
-        "one_step": ("online", hf.online.one_step),
-        "greedy_accumulate(0.9)": ("online", hf.online.greedy_accumulate(0.9)),
-        **{f"HyperDistill(γ={g})": ("online", ("distill", g)) for g in GAMMAS},
-        "drmad": ("offline", hf.drmad),
+        "FO": Method("online", hf.online.distill(0.0, theta=0.0)),
+        "one_step": Method("online", hf.online.one_step),
+        "greedy_accumulate(0.9)": Method("online", hf.online.greedy_accumulate(0.9)),
+        **{f"HyperDistill(γ={g})": Method("distill", g) for g in GAMMAS},
+        "drmad": Method("offline", hf.drmad),
         # N.IFT(N, K): Neumann IFT with N terms at w_t, applied online over the last K inner steps
-        **{f"N.IFT({n},{k})": ("online", (hf.online.implicit("neumann", iters=n), k)) for n, k in NIFT_GRID},
-        "truncate(10)": ("offline", hf.truncate(10)),
-        "unroll": ("offline", hf.unroll),
-        "unroll (plain SGD)": ("offline", hf.unroll),
-        "langevin (plain SGD)": ("offline", hf.langevin(steps // 2, steps - steps // 2, tau=1e-5, seed=0)),
+        **{f"N.IFT({n},{k})": Method("online", hf.online.implicit("neumann", iters=n), k) for n, k in NIFT_GRID},
+        "truncate(10)": Method("offline", hf.truncate(10)),
+        "unroll": Method("offline", hf.unroll),
+        "unroll (plain SGD)": Method("offline", hf.unroll),
+        "langevin (plain SGD)": Method("offline", hf.langevin(steps // 2, steps - steps // 2, tau=1e-5, seed=0)),
     }
 
 
@@ -80,7 +95,7 @@ def meta_test(problem, hparams, head, n_tasks: int, seed: int = 10_000) -> tuple
     return mse, sgd["lr"] * curvature / (2 * (1 + sgd["momentum"]))
 
 
-def meta_train(name: str, kind: str, factory, problem, args, seed: int):
+def meta_train(name: str, method: Method, problem, args, seed: int):
     """One meta-training run; returns the body, the Reptile head, the meta-validation curve and the
     ``(episode, θ)`` fits of HyperDistill."""
     gen = torch.Generator().manual_seed(seed)
@@ -98,30 +113,28 @@ def meta_train(name: str, kind: str, factory, problem, args, seed: int):
         tasks = hf.tasks.sinusoid_tasks(args.meta_batch, generator=gen)
         heads = head.expand(args.meta_batch).clone()
         batch_args = (tasks.inner_batches, tasks.outer_batch)
-        if kind == "offline":
-            res = torch.func.vmap(factory(problem.loop, problem.outer_loss), in_dims=(None, 0, 0, 0))(
+        if method.kind == "offline":
+            res = torch.func.vmap(method.factory(problem.loop, problem.outer_loss), in_dims=(None, 0, 0, 0))(
                 hparams, heads, *batch_args
             )
             update(res.grads)
             final = res.params
         else:
-            last = problem.loop.steps
-            # Algorithm 3: θ refitted by Algorithm 4 every N inner optimizations
-            if isinstance(factory, tuple) and factory[0] == "distill":
-                gamma = factory[1]
+            if method.kind == "distill":  # Algorithm 3: θ refitted by Algorithm 4 every N inner optimizations
+                gamma = method.factory
                 if episode % args.estimate_every == 0:
                     fit = hf.linear_estimation(gamma)(problem.loop, problem.outer_loss)
                     theta = torch.func.vmap(fit, in_dims=(None, 0, 0, 0))(hparams, heads, *batch_args).pooled()
                     thetas.append((episode, float(theta)))
                 online = hf.online.distill(gamma, theta=theta)(problem.loop, problem.outer_loss)
             else:
-                make, last = factory if isinstance(factory, tuple) else (factory, last)  # N.IFT: (online, K)
-                online = make(problem.loop, problem.outer_loss)
+                online = method.factory(problem.loop, problem.outer_loss)
+            first_applied = problem.loop.steps - (method.last or problem.loop.steps)
             step = torch.func.vmap(online.step, in_dims=(0, None, 0, 0, None))
             state = torch.func.vmap(online.init, in_dims=(None, 0))(hparams, heads)
             for t in range(problem.loop.steps):
                 res, state = step(state, hparams, *batch_args, t)
-                if t >= problem.loop.steps - last:  # N.IFT(N, K) applies the last K emissions only
+                if t >= first_applied:  # N.IFT(N, K) applies the last K emissions only
                     update(res.grads)
             final = state.inner["params"]
         head = head - args.reptile_lr * (head - final.mean(0))
@@ -185,11 +198,10 @@ def main(argv=None):
     fig, ax = figure(figsize=(6, 4))
     validation = {}
     for name in tqdm(names, desc="methods"):
-        kind, factory = table[name]
         scores, sharpness, curves, val = [], [], [], []
         for run in range(args.runs):
             problem = problem_of(name, run)
-            hparams, head, curve, _ = meta_train(name, kind, factory, problem, args, seed=run)
+            hparams, head, curve, _ = meta_train(name, table[name], problem, args, seed=run)
             mse, sharp = meta_test(problem, hparams, head, args.test_tasks)
             val.append(meta_test(problem, hparams, head, args.val_tasks, seed=20_000)[0].mean())
             scores.append(mse.mean())
