@@ -4,7 +4,8 @@ The body of a 1-100-100-100-1 ReLU MLP is the hyperparameter λ, the last layer 
 each task by T = 30 SGD steps (momentum 0.9, lr 0.01). λ is updated by TorchOpt's Adam after
 *every* inner step with the online hypergradient g_t of ``hf.online.distill``, averaged over a
 vmapped meta-batch of 10 tasks (γ = 0.9); θ is refitted by LinearEstimation (Algorithm 4) every 50
-inner optimizations; the head's initialization φ is meta-learned by Reptile (φ ← φ − (φ − mean w_T)).
+inner optimizations (the paper's period) or on every meta-batch; the head's initialization φ is
+meta-learned by Reptile (φ ← φ − (φ − mean w_T)).
 The same loop runs with online one-step lookahead for comparison. The training loop itself is
 ``meta_train`` in ``sinusoid_anil.py``.
 
@@ -53,7 +54,10 @@ def main():
     fig, (ax, ax_theta) = figure(1, 2, figsize=(10, 3.5))
     methods = (
         ("online one-step (γ=0, θ=1)", Method("online", hf.online.one_step)),
-        (f"HyperDistill (γ={args.gamma})", Method("distill", args.gamma)),
+        *(
+            (f"HyperDistill (γ={args.gamma}, θ refit every {every})", Method("distill", args.gamma, refit=every))
+            for every in (args.estimate_every, 1)
+        ),
     )
     for method, how in methods:
         hparams, head, losses, thetas = meta_train(method, how, problem, args, args.seed)

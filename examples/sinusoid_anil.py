@@ -32,12 +32,13 @@ import hyperfunc as hf
 
 NIFT_GRID = ((2, 25), (5, 10), (10, 5))  # the paper's (N, K) grid
 GAMMAS = (0.9, 0.99, 0.999, 0.9999)  # the paper's grid for HyperDistill's γ
-FAMILIES = ("HyperDistill", "N.IFT")  # one configuration each is chosen on meta-validation
+REFITS = (50, 1)  # θ refitted every 50 inner optimizations (the paper's) and on every meta-batch
+SECOND_ORDER_SCALES = (3.0, 10.0)  # one_step with its second-order term scaled: the divergence ablation
 PAPER = {
     "FO": "0.567 ± 0.193",
     "one_step": "0.670 ± 0.283",
     "drmad": "1.086 ± 0.176",
-    **{f"HyperDistill(γ={g})": "0.327 ± 0.052 (best γ)" for g in GAMMAS},
+    **{f"HyperDistill(γ={g}), θ refit every {r}": "0.327 ± 0.052 (best γ)" for g in GAMMAS for r in REFITS},
     **{f"N.IFT({n},{k})": "0.502 ± 0.146 (best (N, K))" for n, k in NIFT_GRID},
 }
 
@@ -48,12 +49,15 @@ class Method(NamedTuple):
     ``kind`` is ``"offline"`` (``factory`` is a transform, one update per inner optimization),
     ``"online"`` (``factory`` is an ``hf.online`` factory, one update per inner step; with ``last = K``
     only the last K steps' emissions are applied, as in N.IFT(N, K)) or ``"distill"`` (HyperDistill,
-    Algorithm 3: ``factory`` is γ and θ is refitted by Algorithm 4 every ``--estimate-every`` episodes).
+    Algorithm 3: ``factory`` is γ and θ is refitted by Algorithm 4 every ``refit`` episodes).
+    Methods that share a ``family`` are one grid: the member with the lowest meta-validation MSE is marked.
     """
 
     kind: str
     factory: Any
     last: Optional[int] = None
+    refit: Optional[int] = None
+    family: Optional[str] = None
 
 
 def methods(steps: int) -> dict:
@@ -62,11 +66,23 @@ def methods(steps: int) -> dict:
         # θ = 0 keeps only ∂_λ L_out(w_t): online first-order
         "FO": Method("online", hf.online.distill(0.0, theta=0.0)),
         "one_step": Method("online", hf.online.one_step),
+        # γ = 0 and a fixed θ is one_step with its second-order term scaled by θ (θ = 1: one_step)
+        **{
+            f"one_step, second-order term ×{c:g}": Method("online", hf.online.distill(0.0, theta=c))
+            for c in SECOND_ORDER_SCALES
+        },
         "greedy_accumulate(0.9)": Method("online", hf.online.greedy_accumulate(0.9)),
-        **{f"HyperDistill(γ={g})": Method("distill", g) for g in GAMMAS},
+        **{
+            f"HyperDistill(γ={g}), θ refit every {r}": Method("distill", g, refit=r, family=f"HyperDistill/{r}")
+            for r in REFITS
+            for g in GAMMAS
+        },
         "drmad": Method("offline", hf.drmad),
         # N.IFT(N, K): Neumann IFT with N terms at w_t, applied online over the last K inner steps
-        **{f"N.IFT({n},{k})": Method("online", hf.online.implicit("neumann", iters=n), k) for n, k in NIFT_GRID},
+        **{
+            f"N.IFT({n},{k})": Method("online", hf.online.implicit("neumann", iters=n), k, family="N.IFT")
+            for n, k in NIFT_GRID
+        },
         "truncate(10)": Method("offline", hf.truncate(10)),
         "unroll": Method("offline", hf.unroll),
         "unroll (plain SGD)": Method("offline", hf.unroll),
@@ -122,7 +138,7 @@ def meta_train(name: str, method: Method, problem, args, seed: int):
         else:
             if method.kind == "distill":  # Algorithm 3: θ refitted by Algorithm 4 every N inner optimizations
                 gamma = method.factory
-                if episode % args.estimate_every == 0:
+                if episode % method.refit == 0:
                     fit = hf.linear_estimation(gamma)(problem.loop, problem.outer_loss)
                     theta = torch.func.vmap(fit, in_dims=(None, 0, 0, 0))(hparams, heads, *batch_args).pooled()
                     thetas.append((episode, float(theta)))
@@ -151,7 +167,6 @@ def main(argv=None):
     parser.add_argument("--meta-batch", type=int, default=10)
     parser.add_argument("--meta-lr", type=float, default=1e-3)
     parser.add_argument("--reptile-lr", type=float, default=1.0)
-    parser.add_argument("--estimate-every", type=int, default=50, help="refit HyperDistill's θ every N episodes")
     parser.add_argument("--test-tasks", type=int, default=1000)
     parser.add_argument("--val-tasks", type=int, default=200, help="meta-validation tasks (choose γ and (N, K))")
     parser.add_argument("--methods", nargs="*", help="a subset of the method names")
@@ -161,11 +176,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.demo:
         args.runs, args.test_tasks = 1, 500
-        args.methods = args.methods or ["FO", "one_step", "HyperDistill(γ=0.9)", "truncate(10)", "unroll"]
         # θ fitted once (the paper's 50-episode period exceeds M = 30) goes stale here: the pooled fit
-        # varies from 0.4 to 2.8 between meta-batches, and the single fit at the start (1.85) ends at
-        # MSE 3.8; refitted on every meta-batch HyperDistill reaches 0.345 (docs/examples.md)
-        args.estimate_every = 1
+        # varies from 0.4 to 2.8 between meta-batches (docs/examples.md), so the demo refits it every episode
+        args.methods = args.methods or [
+            "FO",
+            "one_step",
+            "HyperDistill(γ=0.9), θ refit every 1",
+            "truncate(10)",
+            "unroll",
+        ]
     if args.quick:
         args.runs, args.episodes, args.test_tasks, args.meta_batch, args.steps = 1, 2, 20, 2, 6
     torch.manual_seed(0)
@@ -209,10 +228,9 @@ def main(argv=None):
             curves.append(curve)
         scores = torch.stack(scores)
         validation[name] = float(torch.stack(val).mean())
-        label = f"{name}, θ refit every {args.estimate_every}" if name.startswith("HyperDistill") else name
         rows.append(
             {
-                "method": label,
+                "method": name,
                 "meta-test MSE": fmt_ci(scores),
                 "paper (Table 4)": PAPER.get(name, ""),
                 "median over runs": f"{scores.median():.3f}",
@@ -223,9 +241,10 @@ def main(argv=None):
             }
         )
         mean_curve = torch.tensor(curves).mean(0)
-        ax.plot(range(1, len(mean_curve) + 1), mean_curve, label=label)
-    for family in FAMILIES:  # the paper tunes γ and (N, K) on meta-validation: mark the configuration chosen
-        members = [n for n in validation if n.startswith(family)]
+        ax.plot(range(1, len(mean_curve) + 1), mean_curve, label=name)
+    families = {table[n].family for n in names} - {None}
+    for family in families:  # the paper tunes γ and (N, K) on meta-validation: mark the configuration chosen
+        members = [n for n in validation if table[n].family == family]
         if len(members) > 1:
             best = min(members, key=lambda n: validation[n] if math.isfinite(validation[n]) else math.inf)
             row = rows[1 + names.index(best)]

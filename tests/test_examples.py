@@ -18,11 +18,18 @@ CASES = {
         ["sinusoid_anil"],
         ["FO", "one_step", "HyperDistill(γ=0.9), θ refit every 50", "N.IFT(5,10)", "drmad", "unroll"],
     ),
-    "online_distill": (["online_distill"], ["online one-step (γ=0, θ=1)", "HyperDistill (γ=0.9)"]),
+    "online_distill": (
+        ["online_distill"],
+        [
+            "online one-step (γ=0, θ=1)",
+            "HyperDistill (γ=0.9, θ refit every 2)",
+            "HyperDistill (γ=0.9, θ refit every 1)",
+        ],
+    ),
     "synthetic_1d": (["table2_clean", "table3_noisy", "fig2_inner_iterations"], ["HPO-SGLD", "IFT-CG", "RMD"]),
     "shaban_toy": (["truncation_error", "trajectories"], []),
     "hypercleaning": (["hypercleaning"], ["truncate(1)", "truncate(5)", "distill(0.9)"]),
-    "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "HyperDistill (γ=0.99)"]),
+    "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "distill(γ=0.99), offline, θ refit every 50"]),
     "maml_conv_bn": (["maml_conv_bn"], ["no meta-training", "MAML", "FOMAML", "ANIL"]),
 }
 
