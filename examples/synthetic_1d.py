@@ -51,7 +51,7 @@ def outer(p, h, _):
 def transforms() -> dict:
     """name -> make(steps, tau) -> transform."""
     return {
-        "HPO-SGLD": lambda steps, tau: hf.langevin(steps // 2, steps - steps // 2, tau=tau, seed=0),
+        "HPO-SGLD": lambda steps, tau, seed=0: hf.langevin(steps // 2, steps - steps // 2, tau=tau, seed=seed),
         "IFT-Neumann": lambda steps, tau: hf.implicit("neumann", iters=10, alpha=0.5),
         "IFT-CG": lambda steps, tau: hf.implicit("cg", iters=10),
         "RMD": lambda steps, tau: hf.unroll,
@@ -60,18 +60,28 @@ def transforms() -> dict:
     }
 
 
-def solve(make, steps: int, noisy: bool, args, tau: float = 1e-10, seed: int = 0) -> tuple[float, float]:
-    """Outer gradient descent on λ with θ warm-started; returns the final (λ, θ)."""
+def solve(make, steps: int, noisy: bool, args, tau: float = 1e-10, seed: int = 0, **variant) -> list:
+    """Outer gradient descent on λ with θ warm-started; returns the ``(λ, θ)`` after every outer step.
+
+    ``seed`` seeds the ε stream (and the sampler, through ``make``). ``variant`` departs from the protocol
+    for the τ study: ``fresh_noise=True`` re-seeds the sampler at every outer step (``make`` then gets
+    ``seed=...``), ``warm_start=False`` restarts θ from 0.5 at every outer step.
+    """
     loop = hf.InnerLoop(inner, hf.optim.sgd(lr=args.eta), steps=steps)
     hg = make(steps, tau)(loop, outer)
     gen = torch.Generator().manual_seed(seed)
     lam, theta = torch.tensor(0.3, dtype=DT), torch.tensor(0.5, dtype=DT)
-    for _ in range(args.outer_steps):
+    history = []
+    for k in range(args.outer_steps):
+        if variant.get("fresh_noise"):
+            hg = make(steps, tau, seed=args.outer_steps * seed + k)(loop, outer)
         eps = 0.6 * torch.rand(steps, 2, generator=gen, dtype=DT) - 0.3 if noisy else torch.zeros(steps, 2, dtype=DT)
-        res = hg(TensorDict({"lam": lam}, []), TensorDict({"theta": theta}, []), eps, None)
+        start = theta if variant.get("warm_start", True) else torch.tensor(0.5, dtype=DT)
+        res = hg(TensorDict({"lam": lam}, []), TensorDict({"theta": start}, []), eps, None)
         lam = (lam - args.outer_lr * res.grads["lam"]).clamp(0, 1)
         theta = res.params["theta"].clamp(0, 1)
-    return float(lam), float(theta)
+        history.append((float(lam), float(theta)))
+    return history
 
 
 def table(noisy: bool, args, out) -> list[dict]:
@@ -86,7 +96,7 @@ def table(noisy: bool, args, out) -> list[dict]:
     paper = TABLE3 if noisy else TABLE2
     rows = []
     for label, make, steps, tau in tqdm(jobs, desc="noisy" if noisy else "clean"):
-        lam, theta = solve(make, steps, noisy, args, tau)
+        lam, theta = solve(make, steps, noisy, args, tau)[-1]
         ref = paper.get(label.replace(str(args.long_steps), "1000"))
         rows.append(
             {
@@ -107,7 +117,7 @@ def sweep(args, out) -> list[dict]:
     rows, errors = [], {}
     for name, make in tqdm(list(transforms().items()), desc="Fig. 2 sweep"):
         for steps in args.sweep:
-            lam, theta = solve(make, steps, False, args)
+            lam, theta = solve(make, steps, False, args)[-1]
             errors.setdefault(name, []).append((abs(lam - LAMBDA_STAR), abs(theta - THETA_STAR)))
             rows.append({"method": name, "T": steps, "λ error": f"{errors[name][-1][0]:.4f}",
                          "θ error": f"{errors[name][-1][1]:.4f}"})  # fmt: skip
@@ -123,6 +133,51 @@ def sweep(args, out) -> list[dict]:
     return rows
 
 
+def stochastic_optimum(tau: float, points: int = 20_001) -> float:
+    r"""The λ minimizing Kim & Hospedales' stochastic objective :math:`E_{p_\tau(\theta|\lambda)} L_{val}` (Eq. 2),
+    :math:`p_\tau \propto e^{-L_{train}/\tau}` on θ ∈ [0, 1], by quadrature (θ step 5e-5) and a grid over
+    λ ∈ [0.7, 0.8] (step 1e-4)."""
+    theta = torch.linspace(0, 1, points, dtype=DT)
+    lam = torch.linspace(0.7, 0.8, 1001, dtype=DT)[:, None]
+    energy = (theta**3 / 3 - (1 - lam**2) * theta) / tau
+    weights = torch.softmax(-energy, -1)
+    value = (weights * ((lam - theta) ** 2 + (theta - 0.5) ** 2)).sum(-1)
+    return float(lam[value.argmin(), 0])
+
+
+def tau_study(args, out) -> list[dict]:
+    """Where Table 3's HPO-SGLD τ = 1e-2 row comes from: the protocol's choices varied one at a time,
+    each over ``args.study_runs`` runs (run r: ε stream and sampler seeded r)."""
+    make = transforms()["HPO-SGLD"]
+    variants = {
+        "Table 3 protocol (one sampler seed per run, θ warm-started, last iterate)": {},
+        "fresh sampler noise at every outer step": {"fresh_noise": True},
+        "no warm start (θ_0 = 0.5 at every outer step)": {"warm_start": False},
+    }
+    rows = []
+    jobs = [(tau, label, v) for tau in (1e-2, 1e-5) for label, v in variants.items()]
+    for tau, label, variant in tqdm(jobs, desc="τ study"):
+        runs = torch.tensor(
+            [solve(make, args.steps, True, args, tau, seed=r, **variant) for r in range(args.study_runs)]
+        )
+        tail = runs[:, -args.outer_steps // 2 :].mean(1)  # Polyak: the mean of the last half of the outer iterates
+        for reported, (lam, theta) in (("last iterate", runs[:, -1].T), ("mean of the last half", tail.T)):
+            rows.append(
+                {
+                    "τ": f"{tau:.0e}",
+                    "variant": label,
+                    "reported": reported,
+                    "λ: mean ± sd over runs": f"{lam.mean():.4f} ± {lam.std():.4f}",
+                    "mean |λ − λ*|": f"{(lam - LAMBDA_STAR).abs().mean():.4f}",
+                    "θ: mean ± sd over runs": f"{theta.mean():.4f} ± {theta.std():.4f}",
+                    "λ minimizing E_p[L_val]": f"{stochastic_optimum(tau):.4f}",
+                }
+            )
+    title = f"Noisy 1D problem, HPO-SGLD: the τ = 1e-2 gap, {args.study_runs} runs per row (λ* = 0.7487)"
+    write_table(out, "table3_tau_study", rows, title)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
@@ -131,13 +186,14 @@ def main(argv=None):
     parser.add_argument("--eta", type=float, default=0.01)
     parser.add_argument("--outer-steps", type=int, default=40)
     parser.add_argument("--outer-lr", type=float, default=0.15)
+    parser.add_argument("--study-runs", type=int, default=8, help="runs per row of the τ study")
     parser.add_argument("--out", default="results/synthetic_1d")
     parser.add_argument("--quick", action="store_true", help="tiny run for the tests")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.long_steps, args.sweep, args.outer_steps = 10, 20, [4, 10], 3
+        args.steps, args.long_steps, args.sweep, args.outer_steps, args.study_runs = 10, 20, [4, 10], 3, 2
     out = results_dir(args.out)
-    return table(False, args, out), table(True, args, out), sweep(args, out)
+    return table(False, args, out), table(True, args, out), sweep(args, out), tau_study(args, out)
 
 
 if __name__ == "__main__":
