@@ -16,14 +16,14 @@ import torch
 _MASK = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x: Any, c: int) -> Any:
     """``x * c mod 2**32`` for ``0 <= x < 2**32`` without int64 overflow."""
     lo, hi = x & 0xFFFF, x >> 16
     return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK
 
 
-def _hash(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixing function (xor-shift-multiply, "lowbias32")."""
+def _hash(x: Any) -> Any:
+    """A 32-bit integer mixing function (xor-shift-multiply, "lowbias32") of an int or an int64 tensor."""
     x = x & _MASK
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -34,8 +34,10 @@ def _hash(x: torch.Tensor) -> torch.Tensor:
 
 def bits(shape: Any, seed: Any, step: Any, stream: int, device: Any) -> torch.Tensor:
     """Uniform 32-bit integers (as int64) of ``shape`` determined by ``(seed, step, stream)`` alone."""
-    step = torch.as_tensor(step, dtype=torch.int64, device=device)
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)  # an int, or an int64 tensor (batched per task)
+    if torch.is_tensor(step) or torch.is_tensor(seed):  # a traced step or per-task seeds: the key on the device
+        step = torch.as_tensor(step, dtype=torch.int64, device=device)
+        seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
+    # Python ints hash on the host (the same arithmetic): no host-to-device copy per draw on CUDA
     low, high = seed & _MASK, seed >> 32  # a seed in [0, 2**63): both halves enter the key
     key = _hash(_hash(_hash(_hash(low) ^ high) ^ step) ^ stream)
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
