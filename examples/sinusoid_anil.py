@@ -142,6 +142,9 @@ def meta_train(name: str, method: Method, problem, args, seed: int):
                     fit = hf.linear_estimation(gamma)(problem.loop, problem.outer_loss)
                     theta = torch.func.vmap(fit, in_dims=(None, 0, 0, 0))(hparams, heads, *batch_args).pooled()
                     thetas.append((episode, float(theta)))
+                    if not torch.isfinite(theta):  # the run has diverged (NaN body): record it as such
+                        curve += [math.nan] * (args.episodes - episode)
+                        break
                 online = hf.online.distill(gamma, theta=theta)(problem.loop, problem.outer_loss)
             else:
                 online = method.factory(problem.loop, problem.outer_loss)
