@@ -90,6 +90,12 @@ def methods(steps: int) -> dict:
     }
 
 
+def fmt_runs(scores: torch.Tensor) -> str:
+    """Mean ± 95% interval over runs, or the count of runs that diverged (a non-finite MSE)."""
+    diverged = int((~torch.isfinite(scores)).sum())
+    return fmt_ci(scores) if diverged == 0 else f"nan ({diverged} of {len(scores)} runs diverged)"
+
+
 def meta_test(problem, hparams, head, n_tasks: int, seed: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task MSE on held-out points after the inner optimization, and per-task sharpness.
 
@@ -234,7 +240,7 @@ def main(argv=None):
         rows.append(
             {
                 "method": name,
-                "meta-test MSE": fmt_ci(scores),
+                "meta-test MSE": fmt_runs(scores),
                 "paper (Table 4)": PAPER.get(name, ""),
                 "median over runs": f"{scores.median():.3f}",
                 # a diverged run (NaN) counts as worse
