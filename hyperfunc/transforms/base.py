@@ -32,6 +32,8 @@ from tensordict import TensorDictBase
 
 from .._tree import Keys, Leaves, add, build, check_same_keys, check_tensordict, keys_of, leaves_of, scale
 from ..loop import InnerLoop, Loss, call_loss, module_buffers
+from . import _segments
+from ._segments import Layout, Segments, Structure, buffers_in, buffers_out, split
 
 
 class HyperGrad(NamedTuple):
@@ -140,6 +142,7 @@ class Bound:
     outer_batch: Any
     buffers: Any  # a TensorDict, or () for none
     exact_init: bool = True
+    segments: Optional[Segments] = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -153,6 +156,7 @@ class Bound:
         outer_batch: Any,
         buffers: Any = None,
         exact_init: bool = True,
+        segments: Optional[Segments] = None,
     ) -> Bound:
         """Validate the inputs of a hypergradient call and flatten them (inputs are detached, never mutated)."""
         check_tensordict(hparams, "hparams")
@@ -184,7 +188,8 @@ class Bound:
             raise ValueError("hparams is empty: give at least one hyperparameter (a TensorDict with a tensor leaf)")
         h = leaves_of(hparams, hkeys)
         check_one_device(h, "hparams", leaves_of(p0, keys_of(p0)), "params0")
-        return cls(loop, outer_loss, hkeys, keys_of(p0), h, params0, inner_batches, outer_batch, buffers, exact_init)
+        pkeys, batches = keys_of(p0), (inner_batches, outer_batch)
+        return cls(loop, outer_loss, hkeys, pkeys, h, params0, *batches, buffers, exact_init, segments)
 
     # -- the pieces, as pure functions of flat tuples -------------------------------------------
     def hparams(self, h: Leaves) -> TensorDictBase:
@@ -214,6 +219,11 @@ class Bound:
 
     def run(self, s: Leaves, b: Any, h: Leaves, batches: Any, start: int, stop: int) -> tuple[Leaves, Any]:
         """Inner steps ``start..stop-1`` from ``(s, b)`` on prepared ``batches``: ``(s, b)`` after them."""
+        if self.segments is not None:
+            layout, d, others = Layout.of(batches, self.loop.prepare is not None)
+            for a, n in self.chunks(start, stop):
+                s, b = self.segment(layout, a, n, s, b, h, d, others)
+            return s, b
         hparams = self.hparams(h)
         for t in range(start, stop):
             s, b = self.loop._step(self.pkeys, s, b, hparams, self.loop._batch_at(batches, t), t)
@@ -227,6 +237,8 @@ class Bound:
         r"""Steps ``start..stop-1`` and their VJP: ``((s', b'), pull)`` with
         ``pull(ct_s') -> (ct_s, HyperCotangent)``, the products :math:`\bar s A` and :math:`\bar s B`."""
         prep = self.prep
+        if self.segments is not None:
+            return self.segments_vjp(s, b, start, stop)
 
         def fn(s, h, d):
             return self.run(s, b, h, prep.rebuild(d), start, stop)
@@ -248,12 +260,93 @@ class Bound:
         r"""``(loss, α, direct)``: :math:`L_{out}`, :math:`\alpha = \partial L_{out}/\partial s` and, when
         ``with_h``, the direct term :math:`\partial_\lambda L_{out}` as a :class:`HyperCotangent` (else None,
         which skips the backward through λ)."""
+        if self.segments is not None:
+            return self.segments_outer_vjp(s, b, with_h)
         if with_h:
             loss, fn = torch.func.vjp(lambda s, h: self.outer(s, b, h), s, self.h)
             alpha, ct_h = fn(torch.ones_like(loss))
             return loss, alpha, HyperCotangent(ct_h, self.zeros_d())
         loss, fn = torch.func.vjp(lambda s: self.outer(s, b, self.h), s)
         return loss, fn(torch.ones_like(loss))[0], None
+
+    # -- compiled segment kernels (hf.compile; see _segments) ---------------------------------------
+    def structure(self) -> Structure:
+        bkeys = keys_of(self.buffers) if isinstance(self.buffers, TensorDictBase) else None
+        return Structure(self.pkeys, self.hkeys, bkeys, len(self.pkeys) * (1 + len(self.loop.optimizer.buffers)))
+
+    def chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """``(first step, length)`` of the segments covering steps ``start..stop-1``."""
+        return [(a, min(self.segments.size, stop - a)) for a in range(start, stop, self.segments.size)]
+
+    def window(self, leaves: Leaves, a: int, n: int) -> Leaves:
+        """The batch leaves of steps ``a..a+n-1`` (all of them for a full batch)."""
+        return tuple(leaves) if self.loop.full_batch else tuple(x[a : a + n] for x in leaves)
+
+    def segment(self, layout: Layout, a: int, n: int, s: Leaves, b: Any, h: Leaves, d: Leaves, others: Leaves):
+        """Steps ``a..a+n-1`` by the compiled segment kernel; refuses a loss that draws random numbers."""
+        st = self.structure()
+        kernel = self.segments.kernel(("map", n, st, layout.key()), _segments.segment_map(self.loop, st, layout, n))
+        before = rng_state(s)
+        out = kernel(*s, *buffers_out(st.bkeys, b), *h, *self.window(d, a, n), *self.window(others, a, n), _index(s, a))
+        if not same_rng_state(before, rng_state(s)):
+            raise ValueError(
+                "hf.compile(segment=k) needs an inner step without random draws (dropout, torch.rand): the "
+                "segment VJP recomputes the forward and would draw different numbers; use the eager transform "
+                "(with checkpoint_every, which replays the random state)"
+            )
+        return out[: st.n_state], buffers_in(st.bkeys, out[st.n_state :])
+
+    def segments_vjp(self, s: Leaves, b: Any, start: int, stop: int):
+        """:meth:`run_vjp` by segment kernels: the forward keeps each segment's first state, the pullback
+        runs each segment's VJP kernel (its forward recomputed) from the last segment to the first."""
+        prep, st = self.prep, self.structure()
+        layout, d, others = Layout.of(prep.rebuild(prep.d), self.loop.prepare is not None)
+        chunks, states = self.chunks(start, stop), [(s, b)]
+        for a, n in chunks:
+            states.append(self.segment(layout, a, n, *states[-1], self.h, d, others))
+
+        def pull(ct_s: Leaves) -> tuple[Leaves, HyperCotangent]:
+            ct_h, pieces = self.zeros_h(), []
+            for (a, n), (s_a, b_a) in reversed(list(zip(chunks, states))):
+                kernel = self.segments.kernel(
+                    ("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n)
+                )
+                out = kernel(
+                    *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
+                    _index(s_a, a), *ct_s,
+                )  # fmt: skip
+                ct_s, ct_h_a, ct_d_a = split(out, st.n_state, len(self.h))
+                ct_h = add(ct_h, ct_h_a)
+                pieces.insert(0, ct_d_a)
+            return ct_s, HyperCotangent(ct_h, self.assemble_d(pieces, start, stop))
+
+        return states[-1], pull
+
+    def assemble_d(self, pieces: list, start: int, stop: int) -> Leaves:
+        """The cotangent on ``d`` from the segments' cotangents on their windows (zero outside them)."""
+        if not pieces or not self.prep.d:
+            return self.zeros_d()
+        if self.loop.full_batch:
+            total = pieces[0]
+            for piece in pieces[1:]:
+                total = add(total, piece)
+            return total
+        out = []
+        for i, x in enumerate(self.prep.d):
+            parts = [torch.zeros_like(x[:start])] + [p[i] for p in pieces] + [torch.zeros_like(x[stop:])]
+            out.append(torch.cat(parts))
+        return tuple(out)
+
+    def segments_outer_vjp(self, s: Leaves, b: Any, with_h: bool):
+        """:meth:`outer_vjp` by its compiled kernel."""
+        st = self.structure()
+        layout, _, batch = Layout.of(self.outer_batch, False)
+        kernel = self.segments.kernel(
+            ("outer", with_h, st, layout.key()), _segments.outer_vjp(self.outer_loss, st, layout, with_h)
+        )
+        out = kernel(*s, *buffers_out(st.bkeys, b), *self.h, *batch)
+        loss, alpha, ct_h = split(out, 1, st.n_state)
+        return loss[0], alpha, (HyperCotangent(ct_h, self.zeros_d()) if with_h else None)
 
     def zeros_h(self) -> Leaves:
         return tuple(torch.zeros_like(x) for x in self.h)
@@ -335,6 +428,28 @@ class Bound:
         return HyperGrad(build(self.hkeys, grads), out.loss, params, out.b)
 
 
+def _index(s: Leaves, a: int) -> torch.Tensor:
+    """The step index ``a`` as a tensor on the state's device (a kernel input: no recompile per segment)."""
+    return torch.full((), a, dtype=torch.int64, device=s[0].device)
+
+
+def rng_state(leaves: Leaves) -> tuple:
+    """The global random states that a segment's steps may draw from: CPU, and the CUDA devices of ``leaves``."""
+    cuda = sorted({x.device for x in leaves if x.device.type == "cuda"}, key=str)
+    return torch.get_rng_state(), tuple((d, torch.cuda.get_rng_state(d)) for d in cuda)
+
+
+def set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, value in cuda:
+        torch.cuda.set_rng_state(value, device)
+
+
+def same_rng_state(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for (_, x), (_, y) in zip(a[1], b[1]))
+
+
 @dataclass(frozen=True, repr=False)
 class HyperGradFunction:
     """``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``: an algorithm bound
@@ -343,6 +458,9 @@ class HyperGradFunction:
     ``init_rule`` (set by :func:`fomaml` and :func:`reptile`) replaces the algorithm's term through a
     learned ``params0``; ``output(result, aux)`` adds an algorithm's diagnostics to the
     :class:`HyperGrad` (``implicit``'s residual); ``loop`` and ``outer_loss`` are the transform's.
+    ``segmented`` declares that the algorithm reaches the inner steps only through ``Bound.run``,
+    ``run_vjp`` and ``outer_vjp``, so ``hf.compile(segment=k)`` can run it on compiled kernels
+    (``segments``, set by ``hf.compile``).
     """
 
     loop: InnerLoop
@@ -351,6 +469,8 @@ class HyperGradFunction:
     name: str
     output: Optional[Callable[[HyperGrad, Any], Any]] = None
     init_rule: Optional[InitRule] = field(default=None)
+    segmented: bool = False
+    segments: Optional[Segments] = None
 
     def __repr__(self) -> str:  # dataclasses' repr guards recursion with a thread id torch.compile cannot trace
         return f"HyperGradFunction({self.name})"
@@ -364,16 +484,29 @@ class HyperGradFunction:
     def bind(self, hparams, params0, inner_batches, outer_batch, buffers=None) -> Bound:
         """The bound problem of one call (what the algorithm receives)."""
         return Bound.bind(
-            self.loop, self.outer_loss, hparams, params0, inner_batches, outer_batch, buffers, self.init_rule is None
+            self.loop,
+            self.outer_loss,
+            hparams,
+            params0,
+            inner_batches,
+            outer_batch,
+            buffers,
+            self.init_rule is None,
+            self.segments,
         )
 
 
 def make_transform(
-    algorithm: Algorithm, name: str, loop: InnerLoop, outer_loss: Loss, output: Optional[Callable] = None
+    algorithm: Algorithm,
+    name: str,
+    loop: InnerLoop,
+    outer_loss: Loss,
+    output: Optional[Callable] = None,
+    segmented: bool = False,
 ) -> HyperGradFunction:
-    """Check a transform's arguments and bind ``algorithm`` to them."""
+    """Check a transform's arguments and bind ``algorithm`` to them (``segmented``: see :class:`HyperGradFunction`)."""
     check_transform_args(loop, outer_loss)
-    return HyperGradFunction(loop, outer_loss, algorithm, name, output)
+    return HyperGradFunction(loop, outer_loss, algorithm, name, output, segmented=segmented)
 
 
 #: ``transform(loop, outer_loss) -> hg``, what ``truncate(K)`` and the other factories return.

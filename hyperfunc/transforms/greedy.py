@@ -78,7 +78,7 @@ def greedy_accumulate(gamma: float) -> Transform:
         return Outcome(direct.plus(acc.cot), loss, s, b, acc.s0)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
-        return make_transform(algorithm, f"greedy_accumulate({gamma})", loop, outer_loss)
+        return make_transform(algorithm, f"greedy_accumulate({gamma})", loop, outer_loss, segmented=True)
 
     return transform
 

@@ -116,7 +116,7 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         check_transform_args(loop, outer_loss)
         chain = sampler(loop, B + M, tau, seed)
-        return make_transform(lambda bound: langevin_pass(bound, B, M), "langevin", chain, outer_loss)
+        return make_transform(lambda bound: langevin_pass(bound, B, M), "langevin", chain, outer_loss, segmented=True)
 
     return transform
 

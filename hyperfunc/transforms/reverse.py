@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from .._checks import check_int
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
-from .base import HyperCotangent, HyperGradFunction, InitTerm, Outcome, Transform, make_transform, refuse_loop
+from .base import (
+    HyperGradFunction,
+    InitTerm,
+    Outcome,
+    Transform,
+    make_transform,
+    refuse_loop,
+    rng_state,
+    set_rng_state,
+)
 
 #: ``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``
 HyperGradFn = HyperGradFunction
@@ -38,14 +45,10 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
         rng.append(rng_state(s))
         checkpoints.append(bound.run(*checkpoints[-1], bound.h, batches, start, stop))
     s_last, b_last = checkpoints[-1]
-
-    def tail(s: Leaves, h: Leaves, d: Leaves):
-        s, b = bound.run(s, b_last, h, bound.prep.rebuild(d), starts[-1], steps)
-        return bound.outer(s, b, h), (s, b)
-
-    loss, vjp_fn, (final, b_final) = torch.func.vjp(tail, s_last, bound.h, bound.prep.d, has_aux=True)
-    ct_s, ct_h, ct_d = vjp_fn(torch.ones_like(loss))
-    cot = HyperCotangent(ct_h, ct_d)
+    (final, b_final), pull = bound.run_vjp(s_last, b_last, starts[-1], steps)
+    loss, alpha, direct = bound.outer_vjp(final, b_final)
+    ct_s, cot = pull(alpha)
+    cot = direct.plus(cot)
     after = rng_state(s_last) if rng else None
     for start, stop, (s, b), state in zip(*(reversed(x) for x in (starts[:-1], stops[:-1], checkpoints[:-1], rng))):
         set_rng_state(state)  # a recomputed segment replays the random numbers of its first run (dropout)
@@ -54,19 +57,6 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
     if after is not None:
         set_rng_state(after)
     return Outcome(cot, loss, final, b_final, ct_s if first == 0 else InitTerm.ABSENT)
-
-
-def rng_state(leaves: Leaves) -> tuple:
-    """The global random states that a segment's steps may draw from: CPU, and the CUDA devices of ``leaves``."""
-    cuda = sorted({x.device for x in leaves if x.device.type == "cuda"}, key=str)
-    return torch.get_rng_state(), tuple((d, torch.cuda.get_rng_state(d)) for d in cuda)
-
-
-def set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    for device, value in cuda:
-        torch.cuda.set_rng_state(value, device)
 
 
 def interpolate(s0: Leaves, sT: Leaves, c: float) -> Leaves:
@@ -134,7 +124,9 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
     """
     if checkpoint_every is not None:
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
-    return make_transform(lambda bound: reverse_pass(bound, loop.steps, checkpoint_every), "unroll", loop, outer_loss)
+    return make_transform(
+        lambda bound: reverse_pass(bound, loop.steps, checkpoint_every), "unroll", loop, outer_loss, segmented=True
+    )
 
 
 def truncate(K: int) -> Transform:
@@ -162,7 +154,7 @@ def truncate(K: int) -> Transform:
     K = check_int(K, "K", 0)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
-        return make_transform(lambda bound: reverse_pass(bound, K), f"truncate({K})", loop, outer_loss)
+        return make_transform(lambda bound: reverse_pass(bound, K), f"truncate({K})", loop, outer_loss, segmented=True)
 
     return transform
 
@@ -229,4 +221,4 @@ def drmad(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         loss, cot, ct_s0 = drmad_pass(bound, s0, sT, bT)
         return Outcome(cot, loss, sT, bT, ct_s0)
 
-    return make_transform(algorithm, "drmad", loop, outer_loss)
+    return make_transform(algorithm, "drmad", loop, outer_loss, segmented=True)

@@ -1,0 +1,107 @@
+r"""``hf.vmap`` and ``hf.compile``: compiled hypergradients with compile time flat in T.
+
+``torch.compile(torch.func.vmap(hg, in_dims))`` traces the whole unrolled inner loop, so its compile
+time grows with the number of inner steps T (DESIGN.md, "Compilation"). ``hf.compile(hf.vmap(hg,
+in_dims), segment=k)`` compiles the protocol's pieces instead: the k-step segment map, its VJP and
+the outer loss with its gradient, each vmapped over the task dimension and compiled once, then
+reused by every segment and every call (a Python loop runs the segments). A T that is not a
+multiple of k adds one kernel for the remainder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from ._checks import check_int
+from .transforms._segments import Segments
+from .transforms.base import HyperGradFunction
+
+__all__ = ["Vmapped", "compile", "vmap"]
+
+
+@dataclass(frozen=True)
+class Vmapped:
+    """``hf.vmap(hg, in_dims)``: calls ``torch.func.vmap(hg, in_dims, chunk_size=chunk_size)``; kept as a
+    value so that :func:`compile` can compile ``hg``'s kernels batched over the task dimension."""
+
+    fn: Any
+    in_dims: Any = 0
+    chunk_size: Optional[int] = None
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        return torch.func.vmap(self.fn, in_dims=self.in_dims, chunk_size=self.chunk_size)(*args, **kwargs)
+
+
+def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None) -> Vmapped:
+    r"""``torch.func.vmap(hg, in_dims, chunk_size=chunk_size)`` over a meta-batch of tasks, as a value
+    :func:`compile` can see through (same semantics and results as ``torch.func.vmap``).
+
+    .. math:: \text{vmap}(hg)(\lambda, \{w_0^i\}, \{D^i\}, \{V^i\})_i = hg(\lambda, w_0^i, D^i, V^i)
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum(),
+        ...                     hf.optim.sgd(lr=0.1), steps=20, full_batch=True)
+        >>> hg = hf.vmap(hf.unroll(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum()), in_dims=(None, 0, 0, 0))
+        >>> h, w0 = TensorDict({"l2": torch.tensor(0.5)}, []), TensorDict({"w": torch.zeros(3, 1)}, [3])
+        >>> hg(h, w0, torch.ones(3, 1), torch.zeros(3, 1)).grads["l2"]
+        tensor([0.6075, 0.6075, 0.6075])
+    """
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size", 1)
+    return Vmapped(hg, in_dims, chunk_size)
+
+
+def compile(fn: Any, segment: int, **options: Any) -> Any:
+    r"""Compile a hypergradient function by segments: compile time independent of the number of steps T.
+
+    ``hf.compile(hf.vmap(hg, in_dims), segment=k)`` returns ``hf.vmap(hg', in_dims)`` where ``hg'`` runs
+    ``hg``'s algorithm over compiled kernels (``torch.compile(torch.func.vmap(kernel), **options)``):
+    the k-step segment map :math:`s_{a+k} = \Phi_{a+k} \circ \cdots \circ \Phi_{a+1}(s_a)`, its VJP
+    :math:`\bar s_{a+k} \mapsto (\bar s_a, \bar\lambda, \bar D)` and :math:`(L_{out}, \alpha, \partial_\lambda
+    L_{out})`. Each kernel compiles once (per segment length: a T that is not a multiple of k adds one)
+    and is reused for every segment and call; the step index is a tensor input, so no segment
+    recompiles. ``hf.compile(hg, segment=k)`` compiles the kernels for one task.
+
+    The result equals the eager transform (float64 to 1e-10). Cost: each segment's VJP recomputes its
+    forward (one extra forward pass, as ``checkpoint_every=k``); memory O((T/k + k)·|s|). Supported:
+    transforms built on the segment map and its VJP (``unroll``, ``truncate``, ``one_step``,
+    ``first_order``, ``drmad``, ``greedy_accumulate``, ``langevin``); the others raise ``TypeError``
+    (use ``torch.compile(torch.func.vmap(hg))`` for them). The inner step must not draw random
+    numbers (dropout): the recomputed forward would draw others, so a draw raises ``ValueError``.
+
+    Args:
+        fn: an :func:`vmap` of a hypergradient function, or a hypergradient function.
+        segment: k, the number of inner steps per compiled segment.
+        **options: passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ``fullgraph``...).
+
+    Example:
+        >>> import torch, hyperfunc as hf
+        >>> from tensordict import TensorDict
+        >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum(),
+        ...                     hf.optim.sgd(lr=0.1), steps=20, full_batch=True)
+        >>> hg = hf.vmap(hf.unroll(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum()), in_dims=(None, 0, 0, 0))
+        >>> fast = hf.compile(hg, segment=8, backend="eager")  # 8 + 8 + 4 steps, two segment lengths
+        >>> h, w0 = TensorDict({"l2": torch.tensor(0.5)}, []), TensorDict({"w": torch.zeros(3, 1)}, [3])
+        >>> fast(h, w0, torch.ones(3, 1), torch.zeros(3, 1)).grads["l2"]
+        tensor([0.6075, 0.6075, 0.6075])
+    """
+    segment = check_int(segment, "segment", 1)
+    if isinstance(fn, Vmapped):
+        return replace(fn, fn=compile(fn.fn, segment, **options))
+    if not isinstance(fn, HyperGradFunction):
+        raise TypeError(
+            "hf.compile takes hf.vmap(hg, in_dims) or a hypergradient function hg (from hf.unroll(loop, outer), "
+            f"hf.truncate(K)(loop, outer), ...), got {type(fn).__name__}"
+        )
+    if not fn.segmented:
+        raise TypeError(
+            f"hf.compile(segment=k) does not support {fn.name} yet: its algorithm differentiates through the "
+            "inner steps with torch.func (not through the segment kernels); compile it whole with "
+            "torch.compile(torch.func.vmap(hg, in_dims))"
+        )
+    return replace(fn, segments=Segments(segment, dict(options)))

@@ -1,0 +1,210 @@
+r"""Compiled segment kernels: the protocol's primitives as vmapped, ``torch.compile``'d functions.
+
+``hf.compile(hg, segment=k)`` attaches a :class:`Segments` to a transform. Its :class:`Bound` then
+runs :meth:`~Bound.run`, :meth:`~Bound.run_vjp` and :meth:`~Bound.outer_vjp` through *kernels*:
+pure functions of flat tuples of tensors, one per kind of piece (the k-step segment map, its VJP,
+the outer loss and its gradient) and per segment length, compiled once and reused for every
+segment and every call. The step index enters a kernel as a tensor, so no segment recompiles.
+
+A kernel is a ``torch.autograd.Function`` with a ``vmap`` rule: under ``torch.func.vmap`` (what
+``hf.vmap`` runs) the rule receives the batched tensors and calls the kernel vmapped over the
+task dimension and compiled, so the batching is inside the compiled code; outside vmap the
+forward calls the kernel compiled for one task. The algorithm's own arithmetic between kernels
+(cotangent sums, interpolations) stays eager. Kernels have no derivative: a transform that
+differentiates through ``run`` with ``torch.func`` (forward mode, implicit's HVP, distill's
+estimator) raises instead of running eagerly.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+
+from .._tree import Keys, Leaves, build
+
+#: ``kernel(*tensors) -> tuple of tensors`` for one task.
+Kernel = Callable[..., tuple]
+
+
+@dataclass(frozen=True)
+class Segments:
+    """How a compiled transform runs: ``size`` steps per segment kernel, ``options`` for ``torch.compile``,
+    and the kernels built so far (kept across calls; keyed by the structure of the problem)."""
+
+    size: int
+    options: dict
+    kernels: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def kernel(self, key: tuple, fn: Kernel) -> Callable:
+        """The compiled kernel for ``key`` (built from ``fn`` on first use)."""
+        if key not in self.kernels:
+            self.kernels[key] = _batched_kernel(fn, self.options)
+        return self.kernels[key]
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own: dynamo keeps one cache (and recompile budget) per code
+    object, so kernels sharing a Python function would count as recompiles of one another."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _batched_kernel(fn: Kernel, options: dict) -> Callable:
+    single: list = []
+    batched: dict = {}
+
+    class _Kernel(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            if not single:
+                single.append(torch.compile(_own_code(fn), **options))
+            return single[0](*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            if in_dims not in batched:  # one compiled kernel per batching pattern (e.g. shared hparams)
+
+                def over_tasks(*args):
+                    return torch.func.vmap(fn, in_dims=in_dims)(*args)
+
+                batched[in_dims] = torch.compile(_own_code(over_tasks), **options)
+            out = batched[in_dims](*args)
+            return out, tuple(0 for _ in out)
+
+    return _Kernel.apply
+
+
+class Layout(NamedTuple):
+    """A batch pytree as flat tensors: ``spec`` and the non-tensor leaves are static (in the kernel key),
+    ``diff`` marks the leaves that are prepared floats (``d``, whose cotangent is returned)."""
+
+    spec: Any
+    fixed: tuple  # the non-tensor leaves, None where a tensor goes
+    diff: tuple  # per leaf: True for a d leaf, False for another tensor, None for a non-tensor
+
+    @classmethod
+    def of(cls, tree: Any, prepared: bool) -> tuple[Layout, Leaves, Leaves]:
+        """``(layout, d_leaves, other_tensor_leaves)`` of ``tree``."""
+        leaves, spec = pytree.tree_flatten(tree)
+        diff = tuple(None if not torch.is_tensor(x) else (prepared and x.is_floating_point()) for x in leaves)
+        fixed = tuple(None if torch.is_tensor(x) else x for x in leaves)
+        d = tuple(x for x, f in zip(leaves, diff) if f)
+        others = tuple(x for x, f in zip(leaves, diff) if f is False)
+        return cls(spec, fixed, diff), d, others
+
+    def key(self) -> tuple:
+        try:
+            hash(self.fixed)
+        except TypeError as err:
+            raise TypeError(
+                "hf.compile needs the non-tensor leaves of the batches to be hashable (ints, floats, None, "
+                f"strings): {err}"
+            ) from err
+        return (str(self.spec), self.fixed, self.diff)
+
+    def rebuild(self, d: Leaves, others: Leaves) -> Any:
+        floats, rest = iter(d), iter(others)
+        leaves = [x if f is None else next(floats) if f else next(rest) for x, f in zip(self.fixed, self.diff)]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+class Structure(NamedTuple):
+    """What a kernel needs to know about one call beyond its tensors (all of it static)."""
+
+    pkeys: Keys
+    hkeys: Keys
+    bkeys: Any  # the buffer keys, or None for no buffers
+    n_state: int
+
+
+def split(flat: Leaves, *sizes: int) -> list:
+    out, i = [], 0
+    for n in sizes:
+        out.append(tuple(flat[i : i + n]))
+        i += n
+    out.append(tuple(flat[i:]))
+    return out
+
+
+def buffers_in(bkeys: Any, b: Leaves) -> Any:
+    return () if bkeys is None else build(bkeys, b)
+
+
+def buffers_out(bkeys: Any, b: Any) -> Leaves:
+    return () if bkeys is None else tuple(b[k] for k in bkeys)
+
+
+def _inputs(st: Structure, layout: Layout) -> tuple:
+    """The group sizes of a segment kernel's flat inputs: state, buffers, hparams, d, other batch leaves."""
+    n_b = 0 if st.bkeys is None else len(st.bkeys)
+    n_d = sum(1 for f in layout.diff if f)
+    n_o = sum(1 for f in layout.diff if f is False)
+    return st.n_state, n_b, len(st.hkeys), n_d, n_o
+
+
+def _steps(loop: Any, st: Structure, layout: Layout, n: int, s, b, h, d, others, t0) -> tuple:
+    """``n`` inner steps from ``(s, b)``: the flat state followed by the flat buffers."""
+    hparams, batches, buffers = build(st.hkeys, h), layout.rebuild(d, others), buffers_in(st.bkeys, b)
+    for i in range(n):
+        s, buffers = loop._step(st.pkeys, s, buffers, hparams, loop._batch_at(batches, i), t0 + i)
+    return tuple(s) + buffers_out(st.bkeys, buffers)
+
+
+def segment_map(loop: Any, st: Structure, layout: Layout, n: int) -> Kernel:
+    """``(s, b, h, d, others, t0) -> (s', b')``: ``n`` steps from step index ``t0`` (a tensor)."""
+    sizes = _inputs(st, layout)
+
+    def kernel(*flat):
+        s, b, h, d, others, (t0,) = split(flat, *sizes)
+        return _steps(loop, st, layout, n, s, b, h, d, others, t0)
+
+    return kernel
+
+
+def segment_vjp(loop: Any, st: Structure, layout: Layout, n: int) -> Kernel:
+    """``(s, b, h, d, others, t0, ct_s') -> (ct_s, ct_h, ct_d)``: the segment's VJP (its forward recomputed)."""
+    sizes = _inputs(st, layout)
+
+    def kernel(*flat):
+        s, b, h, d, others, (t0,), ct = split(flat, *sizes, 1)
+
+        def fn(s, h, d):
+            return _steps(loop, st, layout, n, s, b, h, d, others, t0)[: st.n_state]
+
+        _, pull = torch.func.vjp(fn, s, h, d)
+        ct_s, ct_h, ct_d = pull(ct)
+        return tuple(ct_s) + tuple(ct_h) + tuple(ct_d)
+
+    return kernel
+
+
+def outer_vjp(outer_loss: Any, st: Structure, layout: Layout, with_h: bool) -> Kernel:
+    """``(s, b, h, batch) -> (L_out, α[, ct_h])``: the outer loss and its gradients."""
+    from ..loop import call_loss, module_buffers
+
+    n_b = 0 if st.bkeys is None else len(st.bkeys)
+
+    def kernel(*flat):
+        s, b, h, batch = split(flat, st.n_state, n_b, len(st.hkeys))
+        buffers, batch = module_buffers(buffers_in(st.bkeys, b)), layout.rebuild((), batch)
+
+        def fn(s, h):
+            params = build(st.pkeys, s[: len(st.pkeys)])
+            return call_loss(outer_loss, "outer_loss", params, build(st.hkeys, h), batch, buffers)[0]
+
+        if with_h:
+            loss, pull = torch.func.vjp(fn, s, h)
+            alpha, ct_h = pull(torch.ones_like(loss))
+            return (loss,) + tuple(alpha) + tuple(ct_h)
+        loss, pull = torch.func.vjp(lambda s: fn(s, h), s)
+        return (loss,) + tuple(pull(torch.ones_like(loss))[0])
+
+    return kernel
