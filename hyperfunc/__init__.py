@@ -1,6 +1,7 @@
 """hyperfunc: hypergradients through functional inner loops, built on ``torch.func``."""
 
 from . import diagnostics, distributed, linalg, online, optim, tasks
+from .compiled import Vmapped, compile, vmap
 from .diagnostics import Agreement, agreement, compare
 from .loop import InnerLoop
 from .modules import functional_call, module_state
@@ -39,8 +40,10 @@ __all__ = [
     "ImplicitHyperGrad",
     "InnerLoop",
     "Transform",
+    "Vmapped",
     "agreement",
     "compare",
+    "compile",
     "diagnostics",
     "distributed",
     "distill",
@@ -65,4 +68,5 @@ __all__ = [
     "to_state_dict",
     "truncate",
     "unroll",
+    "vmap",
 ]

@@ -26,7 +26,10 @@ CASES = {
             "HyperDistill (γ=0.9, θ refit every 1)",
         ],
     ),
-    "synthetic_1d": (["table2_clean", "table3_noisy", "fig2_inner_iterations", "table3_tau_study"], ["HPO-SGLD", "IFT-CG", "RMD"]),
+    "synthetic_1d": (
+        ["table2_clean", "table3_noisy", "fig2_inner_iterations", "table3_tau_study"],
+        ["HPO-SGLD", "IFT-CG", "RMD"],
+    ),
     "shaban_toy": (["truncation_error", "trajectories"], []),
     "hypercleaning": (["hypercleaning"], ["truncate(1)", "truncate(5)", "distill(0.9)"]),
     "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "distill(γ=0.99), offline, θ refit every 50"]),

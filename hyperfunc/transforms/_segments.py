@@ -17,6 +17,7 @@ estimator) raises instead of running eagerly.
 
 from __future__ import annotations
 
+import itertools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._tree import Keys, Leaves, build
+
+_KERNEL_IDS = itertools.count()
 
 #: ``kernel(*tensors) -> tuple of tensors`` for one task.
 Kernel = Callable[..., tuple]
@@ -48,9 +51,11 @@ class Segments:
 
 
 def _own_code(fn: Callable) -> Callable:
-    """``fn`` with a code object of its own: dynamo keeps one cache (and recompile budget) per code
-    object, so kernels sharing a Python function would count as recompiles of one another."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    """``fn`` with a code object and name of its own: dynamo keeps its cache, recompile budget and
+    automatic-dynamic shape memory per code object and name, so kernels sharing a Python function
+    would count as recompiles of one another and make each other's shapes symbolic."""
+    name = f"{fn.__name__}_{next(_KERNEL_IDS)}"
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def _batched_kernel(fn: Kernel, options: dict) -> Callable:

@@ -1,0 +1,136 @@
+"""hf.vmap and hf.compile(segment=k): equal to eager, one kernel per piece and segment length, no
+recompilation across segments and calls.
+
+Compiled with dynamo's CompileCounter backend (the graphs inductor would receive, counted, without
+inductor's C++ build) except one inductor test. T = 7 with k = 3 covers a remainder segment (3+3+1).
+"""
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+from problems import tree_close
+from tensordict import TensorDict
+from test_modules import conv_bn, data, learned_init, problem
+
+import hyperfunc as hf
+
+DT = torch.float64
+T, K = 7, 3
+IN_DIMS = (None, None, 0, 0)
+
+
+def _anil(steps, momentum=0.9, dtype=DT):
+    return hf.tasks.anil_sinusoid(steps=steps, hidden=8, momentum=momentum, dtype=dtype)
+
+
+SEGMENTED = {
+    "unroll": (hf.unroll, 0.9),
+    "truncate(4)": (hf.truncate(4), 0.9),
+    "one_step": (hf.one_step, 0.9),
+    "first_order": (hf.first_order, 0.9),
+    "drmad": (hf.drmad, 0.9),
+    "greedy_accumulate": (hf.greedy_accumulate(0.9), 0.9),
+    "langevin": (hf.langevin(3, 4, 1e-5, seed=0), 0.0),
+}
+
+
+def _args(problem, seed, dtype=DT):
+    tasks = hf.tasks.sinusoid_tasks(2, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    hparams = problem.hparams.apply(lambda x: x * (1 + 0.1 * seed))  # new values, same shapes
+    return hparams, problem.params0, tasks.inner_batches, tasks.outer_batch
+
+
+@pytest.mark.parametrize("name", list(SEGMENTED))
+def test_compiled_segments_equal_eager_without_recompiling(name):
+    transform, momentum = SEGMENTED[name]
+    prob = _anil(T, momentum)
+    hg = transform(prob.loop, prob.outer_loss)
+    counter = torch._dynamo.testing.CompileCounter()
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend=counter, fullgraph=True)
+    frames = []
+    for seed in range(2):
+        args = _args(prob, seed)
+        res, ref = fast(*args), torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
+        tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+        tree_close(res.params, ref.params, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
+        frames.append(counter.frame_count)
+    # at most: map and VJP for k and for the remainder, each from the shared w_0 and from per-task states, + outer
+    assert frames[0] <= 9 and frames[1] == frames[0], frames
+
+
+def test_compile_time_is_flat_in_T():
+    """The kernels depend on k, not on T: T = 7 and T = 13 compile the same number of frames."""
+    frames = []
+    for steps in (7, 13):  # 13 = 4 * 3 + 1: the same two segment lengths
+        prob = _anil(steps)
+        counter = torch._dynamo.testing.CompileCounter()
+        fast = hf.compile(hf.vmap(hf.unroll(prob.loop, prob.outer_loss), in_dims=IN_DIMS), segment=K, backend=counter)
+        fast(*_args(prob, 0))
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1], frames
+
+
+def test_vmap_equals_torch_func_vmap():
+    prob = _anil(T)
+    hg = hf.truncate(2)(prob.loop, prob.outer_loss)
+    args = _args(prob, 0)
+    ref = torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
+    for chunk in (None, 1):
+        tree_close(hf.vmap(hg, in_dims=IN_DIMS, chunk_size=chunk)(*args).grads, ref.grads, rtol=0, atol=0)
+
+
+def test_compile_one_task_and_learned_init_with_buffers():
+    """Without hf.vmap the kernels are compiled for one task; BatchNorm buffers and a learned w_0 go through."""
+    net = conv_bn()
+    loop, outer, hparams, buffers = problem(net, steps=3)
+    batches, val = data(steps=3)
+    hg = hf.unroll(loop, outer)
+    fast = hf.compile(hg, segment=2, backend=torch._dynamo.testing.CompileCounter(), fullgraph=True)
+    res, ref = fast(hparams, learned_init, batches, val, buffers), hg(hparams, learned_init, batches, val, buffers)
+    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+    tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=0)
+
+
+def test_inductor_segments_equal_eager_float32():
+    prob = _anil(5, dtype=torch.float32)
+    hg = hf.unroll(prob.loop, prob.outer_loss)
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=2)  # inductor: 2 + 2 + 1
+    args = _args(prob, 0, torch.float32)
+    res, ref = fast(*args), torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
+    tree_close(res.grads, ref.grads, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", [hf.forward, hf.implicit("cg", 3), hf.distill(0.9, theta=1.0)])
+def test_unsegmented_transform_is_refused(transform):
+    prob = _anil(T)
+    with pytest.raises(TypeError, match=r"torch.compile\(torch.func.vmap"):
+        hf.compile(hf.vmap(transform(prob.loop, prob.outer_loss), in_dims=IN_DIMS), segment=K)
+
+
+def test_bad_arguments():
+    prob = _anil(T)
+    hg = hf.unroll(prob.loop, prob.outer_loss)
+    with pytest.raises(ValueError, match="segment"):
+        hf.compile(hg, segment=0)
+    with pytest.raises(TypeError, match="hf.vmap"):
+        hf.compile(torch.func.vmap(hg), segment=2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hf.vmap(hg, chunk_size=0)
+
+
+def test_random_draws_in_the_step_are_refused():
+    """Dropout in the inner loss: the recomputed segment would draw other masks, so the call raises."""
+
+    def inner(p, h, batch):
+        x, y = batch
+        return ((F.dropout(x, 0.5) @ p["w"] - y) ** 2).mean() + h["l2"] * (p["w"] ** 2).sum()
+
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1), steps=4, full_batch=True)
+    hg = hf.unroll(loop, lambda p, h, batch: ((batch[0] @ p["w"] - batch[1]) ** 2).mean())
+    fast = hf.compile(hg, segment=2, backend="eager")
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, dtype=DT)
+    h, w0 = TensorDict({"l2": torch.tensor(0.1, dtype=DT)}, []), TensorDict({"w": torch.zeros(3, dtype=DT)}, [])
+    with pytest.raises(ValueError, match="random draws"):
+        fast(h, w0, (x, y), (x, y))
