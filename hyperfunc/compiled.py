@@ -77,7 +77,9 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     Args:
         fn: an :func:`vmap` of a hypergradient function, or a hypergradient function.
         segment: k, the number of inner steps per compiled segment.
-        **options: passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ``fullgraph``...).
+        **options: passed to ``torch.compile`` (``backend``, ``mode``, ``fullgraph``...). ``dynamic``
+            defaults to False: a new meta-batch size or data shape compiles new kernels, whose code is
+            specialised to the shapes (with symbolic shapes inductor's kernels ran 30x slower here).
 
     Example:
         >>> import torch, hyperfunc as hf
@@ -104,4 +106,5 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
             "inner steps with torch.func (not through the segment kernels); compile it whole with "
             "torch.compile(torch.func.vmap(hg, in_dims))"
         )
-    return replace(fn, segments=Segments(segment, dict(options)))
+    options.setdefault("dynamic", False)  # symbolic shapes made the generated kernels 30x slower here
+    return replace(fn, segments=Segments(segment, options))
