@@ -134,3 +134,27 @@ def test_random_draws_in_the_step_are_refused():
     h, w0 = TensorDict({"l2": torch.tensor(0.1, dtype=DT)}, []), TensorDict({"w": torch.zeros(3, dtype=DT)}, [])
     with pytest.raises(ValueError, match="random draws"):
         fast(h, w0, (x, y), (x, y))
+
+
+def test_per_step_batches_through_prepare():
+    """Per-step batches (not full-batch) whose floats come from ``prepare``: the segments' cotangents
+    on their windows of the prepared batches are assembled and pulled back through ``prepare``."""
+
+    def inner(p, h, batch):
+        x, y = batch
+        return ((x @ p["w"] - y) ** 2).mean() + h["l2"] * (p["w"] ** 2).sum()
+
+    def prepare(h, batches):
+        x, y = batches
+        return torch.tanh(x * h["scale"]), y
+
+    loop = hf.InnerLoop(inner, hf.optim.adam(lr=0.05), steps=T, prepare=prepare)
+    hg = hf.truncate(5)(loop, lambda p, h, batch: ((batch[0] @ p["w"] - batch[1]) ** 2).mean())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, T, 4, 3, generator=g, dtype=DT), torch.randn(2, T, 4, generator=g, dtype=DT)
+    val = (torch.randn(2, 6, 3, generator=g, dtype=DT), torch.randn(2, 6, generator=g, dtype=DT))
+    h = TensorDict({"l2": torch.tensor(0.1, dtype=DT), "scale": torch.ones(3, dtype=DT)}, [])
+    w0 = TensorDict({"w": torch.zeros(3, dtype=DT)}, [])
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend="eager")
+    res, ref = fast(h, w0, (x, y), val), torch.func.vmap(hg, in_dims=IN_DIMS)(h, w0, (x, y), val)
+    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)

@@ -175,18 +175,23 @@ def segment_map(loop: Any, st: Structure, layout: Layout, n: int) -> Kernel:
 
 
 def segment_vjp(loop: Any, st: Structure, layout: Layout, n: int) -> Kernel:
-    """``(s, b, h, d, others, t0, ct_s') -> (ct_s, ct_h, ct_d)``: the segment's VJP (its forward recomputed)."""
+    """``(s, b, h, d, others, t0, ct_s', acc_h, acc_d) -> (ct_s, acc_h + ct_h, acc_d + ct_d)``: the segment's VJP
+    (its forward recomputed), the cotangents on λ and d accumulated inside the kernel. ``acc_d`` is
+    empty unless the loop is full-batch; otherwise ``ct_d`` (the window's cotangent) is returned as is."""
     sizes = _inputs(st, layout)
+    n_d = sizes[3]
 
     def kernel(*flat):
-        s, b, h, d, others, (t0,), ct = split(flat, *sizes, 1)
+        s, b, h, d, others, (t0,), ct, acc_h, acc_d = split(flat, *sizes, 1, st.n_state, len(st.hkeys))
 
         def fn(s, h, d):
             return _steps(loop, st, layout, n, s, b, h, d, others, t0)[: st.n_state]
 
         _, pull = torch.func.vjp(fn, s, h, d)
         ct_s, ct_h, ct_d = pull(ct)
-        return tuple(ct_s) + tuple(ct_h) + tuple(ct_d)
+        if len(acc_d) == n_d:
+            ct_d = tuple(a + x for a, x in zip(acc_d, ct_d))
+        return tuple(ct_s) + tuple(a + x for a, x in zip(acc_h, ct_h)) + tuple(ct_d)
 
     return kernel
 

@@ -307,18 +307,23 @@ class Bound:
 
         def pull(ct_s: Leaves) -> tuple[Leaves, HyperCotangent]:
             ct_h, pieces = self.zeros_h(), []
+            ct_d = self.zeros_d() if self.loop.full_batch else ()  # accumulated in the kernels
             for (a, n), (s_a, b_a) in reversed(list(zip(chunks, states))):
                 kernel = self.segments.kernel(
                     ("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n)
                 )
                 out = kernel(
                     *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
-                    _index(s_a, a), *ct_s,
+                    _index(s_a, a), *ct_s, *ct_h, *ct_d,
                 )  # fmt: skip
-                ct_s, ct_h_a, ct_d_a = split(out, st.n_state, len(self.h))
-                ct_h = add(ct_h, ct_h_a)
-                pieces.insert(0, ct_d_a)
-            return ct_s, HyperCotangent(ct_h, self.assemble_d(pieces, start, stop))
+                ct_s, ct_h, ct_d_a = split(out, st.n_state, len(self.h))
+                if self.loop.full_batch:
+                    ct_d = ct_d_a
+                else:
+                    pieces.insert(0, ct_d_a)
+            if not self.loop.full_batch:
+                ct_d = self.assemble_d(pieces, start, stop)
+            return ct_s, HyperCotangent(ct_h, ct_d)
 
         return states[-1], pull
 
@@ -326,16 +331,11 @@ class Bound:
         """The cotangent on ``d`` from the segments' cotangents on their windows (zero outside them)."""
         if not pieces or not self.prep.d:
             return self.zeros_d()
-        if self.loop.full_batch:
-            total = pieces[0]
-            for piece in pieces[1:]:
-                total = add(total, piece)
-            return total
-        out = []
-        for i, x in enumerate(self.prep.d):
-            parts = [torch.zeros_like(x[:start])] + [p[i] for p in pieces] + [torch.zeros_like(x[stop:])]
-            out.append(torch.cat(parts))
-        return tuple(out)
+        parts = zip(*pieces)  # per d leaf, its windows in order
+        return tuple(
+            torch.cat([torch.zeros_like(x[:start]), *windows, torch.zeros_like(x[stop:])])
+            for x, windows in zip(self.prep.d, parts)
+        )
 
     def segments_outer_vjp(self, s: Leaves, b: Any, with_h: bool):
         """:meth:`outer_vjp` by its compiled kernel."""
