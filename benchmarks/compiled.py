@@ -10,8 +10,8 @@ Routes:
   eager (in place), and compiled (a ``torch.compile``'d k-step segment in a Python loop);
 - hyperfunc eager: ``torch.func.vmap(hg)``; ``torch.compile(torch.func.vmap(hg))`` (whole loop traced,
   T = 10 only: its compile time grows with T); ``hf.compile(hf.vmap(hg), segment=k)``;
-- peers: a hand-written ``torch.func`` vmap of the unrolled loop, TorchOpt's functional SGD with
-  autograd (a loop over tasks) and ``higher``'s ``innerloop_ctx`` (a loop over tasks).
+- peers (T <= 100): a hand-written ``torch.func`` vmap of the unrolled loop, TorchOpt's functional
+  SGD with autograd (a loop over tasks) and ``higher``'s ``innerloop_ctx`` (a loop over tasks).
 
 Compile times are measured in fresh processes: "cold" with an empty inductor cache, "warm" with the
 cache the cold process left (what a user sees on the second run of a script).
@@ -308,7 +308,8 @@ def main():
     times = {} if args.no_compile_times else compile_times(names, max(args.steps), args.threads)
     rows = []
     for steps in args.steps:
-        rows += speed_table(steps, args.reps, names, not args.no_peers, whole=steps <= 10)
+        peers = not args.no_peers and steps <= 100  # TorchOpt and higher take seconds per call at T = 1000
+        rows += speed_table(steps, args.reps, names, peers, whole=steps <= 10)
     print(f"\n## ANIL sinusoid, meta-batch {TASKS}, float32, torch {torch.__version__}, {args.threads} thread(s)\n")
     print(markdown(rows, ["T", "route", "ms", "x eager floor", "x compiled floor", "max rel. err. vs eager unroll"]))
     if times:
