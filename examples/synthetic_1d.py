@@ -65,7 +65,9 @@ def solve(make, steps: int, noisy: bool, args, tau: float = 1e-10, seed: int = 0
 
     ``seed`` seeds the ε stream (and the sampler, through ``make``). ``variant`` departs from the protocol
     for the τ study: ``fresh_noise=True`` re-seeds the sampler at every outer step (``make`` then gets
-    ``seed=...``), ``warm_start=False`` restarts θ from 0.5 at every outer step.
+    ``seed=...``), ``warm_start=False`` restarts θ from 0.5 at every outer step; and for the IFT rows,
+    ``clean_last=True`` makes the last inner step noise-free (ε = 0), the batch the IFT's Hessian and
+    mixed derivative are taken on.
     """
     loop = hf.InnerLoop(inner, hf.optim.sgd(lr=args.eta), steps=steps)
     hg = make(steps, tau)(loop, outer)
@@ -76,6 +78,8 @@ def solve(make, steps: int, noisy: bool, args, tau: float = 1e-10, seed: int = 0
         if variant.get("fresh_noise"):
             hg = make(steps, tau, seed=args.outer_steps * seed + k)(loop, outer)
         eps = 0.6 * torch.rand(steps, 2, generator=gen, dtype=DT) - 0.3 if noisy else torch.zeros(steps, 2, dtype=DT)
+        if variant.get("clean_last"):
+            eps = torch.cat([eps[:-1], torch.zeros_like(eps[-1:])])
         start = theta if variant.get("warm_start", True) else torch.tensor(0.5, dtype=DT)
         res = hg(TensorDict({"lam": lam}, []), TensorDict({"theta": start}, []), eps, None)
         lam = (lam - args.outer_lr * res.grads["lam"]).clamp(0, 1)
@@ -90,13 +94,15 @@ def table(noisy: bool, args, out) -> list[dict]:
         taus = (1e-2, 1e-5, 1e-10) if noisy and name == "HPO-SGLD" else (1e-10,)
         for tau in taus:
             label = f"{name} τ={tau:.0e}".replace("e-0", "e-") if len(taus) > 1 else name
-            jobs.append((label, make, args.steps, tau))
+            jobs.append((label, make, args.steps, tau, {}))
+        if noisy and name.startswith("IFT"):
+            jobs.append((f"{name}, noise-free last step", make, args.steps, 1e-10, {"clean_last": True}))
         if name in ("RMD", "RMD-FO", "FMD"):
-            jobs.append((f"{name} ({args.long_steps} inner iterations)", make, args.long_steps, 1e-10))
+            jobs.append((f"{name} ({args.long_steps} inner iterations)", make, args.long_steps, 1e-10, {}))
     paper = TABLE3 if noisy else TABLE2
     rows = []
-    for label, make, steps, tau in tqdm(jobs, desc="noisy" if noisy else "clean"):
-        lam, theta = solve(make, steps, noisy, args, tau)[-1]
+    for label, make, steps, tau, variant in tqdm(jobs, desc="noisy" if noisy else "clean"):
+        lam, theta = solve(make, steps, noisy, args, tau, **variant)[-1]
         ref = paper.get(label.replace(str(args.long_steps), "1000"))
         rows.append(
             {
