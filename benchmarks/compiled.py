@@ -231,7 +231,8 @@ def compile_times(names, steps: int, threads: int) -> dict:
 
 
 # -- the tables ---------------------------------------------------------------------------------------
-def speed_table(steps: int, reps: int, names, peers: bool, whole: bool) -> list[dict]:
+def speed_table(steps: int, reps: int, names, peers: bool, whole: bool, segments=(SEGMENT,)) -> list[dict]:
+    """One row per route at ``steps`` inner steps; ``unroll`` is compiled with every segment length."""
     problem, hg, args = make("unroll", steps)
     reference = mean_grads(torch.func.vmap(hg, in_dims=IN_DIMS)(*args))
     fin = floor_inputs(problem, args)
@@ -293,6 +294,9 @@ def main():
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--segments", type=int, nargs="+", default=[SEGMENT, 50], help="k for unroll (others: the first)"
+    )
     parser.add_argument("--only", nargs="*", help="hyperfunc transforms to run (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="skip TorchOpt, higher and the torch.func peer")
     parser.add_argument("--no-compile-times", action="store_true", help="skip the fresh-process compile times")
@@ -309,7 +313,7 @@ def main():
     rows = []
     for steps in args.steps:
         peers = not args.no_peers and steps <= 100  # TorchOpt and higher take seconds per call at T = 1000
-        rows += speed_table(steps, args.reps, names, peers, whole=steps <= 10)
+        rows += speed_table(steps, args.reps, names, peers, whole=steps <= 10, segments=args.segments)
     print(f"\n## ANIL sinusoid, meta-batch {TASKS}, float32, torch {torch.__version__}, {args.threads} thread(s)\n")
     print(markdown(rows, ["T", "route", "ms", "x eager floor", "x compiled floor", "max rel. err. vs eager unroll"]))
     if times:
