@@ -81,7 +81,9 @@ def _batched_kernel(fn: Kernel, options: dict) -> Callable:
                     return torch.func.vmap(fn, in_dims=in_dims)(*args)
 
                 batched[in_dims] = torch.compile(_own_code(over_tasks), **options)
-            out = batched[in_dims](*args)
+            # an output that only broadcasts an unbatched input over the tasks comes back with batch
+            # stride 0; materialised, the next kernel call sees the strides it was compiled for
+            out = tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[in_dims](*args))
             return out, tuple(0 for _ in out)
 
     return _Kernel.apply
