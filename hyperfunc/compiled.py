@@ -49,7 +49,7 @@ def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None) -> Vmapped
         >>> hg = hf.vmap(hf.unroll(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum()), in_dims=(None, 0, 0, 0))
         >>> h, w0 = TensorDict({"l2": torch.tensor(0.5)}, []), TensorDict({"w": torch.zeros(3, 1)}, [3])
         >>> hg(h, w0, torch.ones(3, 1), torch.zeros(3, 1)).grads["l2"]
-        tensor([0.6075, 0.6075, 0.6075])
+        tensor([-0.5876, -0.5876, -0.5876])
     """
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size", 1)
@@ -90,7 +90,7 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
         >>> fast = hf.compile(hg, segment=8, backend="eager")  # 8 + 8 + 4 steps, two segment lengths
         >>> h, w0 = TensorDict({"l2": torch.tensor(0.5)}, []), TensorDict({"w": torch.zeros(3, 1)}, [3])
         >>> fast(h, w0, torch.ones(3, 1), torch.zeros(3, 1)).grads["l2"]
-        tensor([0.6075, 0.6075, 0.6075])
+        tensor([-0.5876, -0.5876, -0.5876])
     """
     segment = check_int(segment, "segment", 1)
     if isinstance(fn, Vmapped):
