@@ -1,5 +1,6 @@
 """torch.compile(vmap(hg), fullgraph=True): one graph per transform, equal to eager, no recompilation
-when only tensor values change (new hyperparameters, new tasks).
+when only tensor values change (new hyperparameters, new tasks); online steps compile twice in all,
+not once per step index t.
 
 Compiled with dynamo's CompileCounter backend: it traces exactly what inductor would receive (a
 graph break fails ``fullgraph=True``) and counts the compiled frames, without inductor's slow C++
@@ -64,3 +65,32 @@ def test_fullgraph_compile_equals_eager_without_recompiling(name):
         tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+
+
+ONLINE = {
+    "one_step": (hf.online.one_step, 0.9),
+    "distill": (hf.online.distill(0.9, theta=1.0), 0.9),
+    "langevin": (hf.online.langevin(1e-5, seed=0), 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(ONLINE))
+def test_online_step_compiles_once_for_every_t(name):
+    """The step index t is a Python int: after the first step dynamo makes it symbolic, so six steps
+    compile two frames (the first step, and the general one), not one per step."""
+    factory, momentum = ONLINE[name]
+    problem = hf.tasks.anil_sinusoid(steps=6, hidden=8, momentum=momentum, dtype=DT)
+    online = factory(problem.loop, problem.outer_loss)
+    step = torch.func.vmap(online.step, in_dims=(0, None, 0, 0, None))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    tasks = hf.tasks.sinusoid_tasks(2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    state = ref_state = torch.func.vmap(online.init, in_dims=(None, 0))(
+        problem.hparams, problem.params0.expand(2).clone()
+    )
+    for t in range(6):
+        res, state = compiled(state, problem.hparams, tasks.inner_batches, tasks.outer_batch, t)
+        ref, ref_state = step(ref_state, problem.hparams, tasks.inner_batches, tasks.outer_batch, t)
+        tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 2, f"{counter.frame_count} frames for 6 steps"

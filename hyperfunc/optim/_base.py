@@ -109,7 +109,8 @@ class Optimizer:
         """Rebuild the state TensorDict from the flat layout."""
         n = len(keys)
         out = {name: build(keys, leaves[i * n : (i + 1) * n]) for i, name in enumerate(("params",) + self.buffers)}
-        out["step"] = torch.as_tensor(step)
+        # torch.full, not as_tensor: a traced step count (an online t under torch.compile) stays symbolic
+        out["step"] = step if torch.is_tensor(step) else torch.full((), step, dtype=torch.int64)
         return build(tuple(out), tuple(out.values()))
 
 

@@ -225,7 +225,8 @@ class Bound:
                 s, b = self.segment(layout, a, n, s, b, h, d, others)
             return s, b
         hparams = self.hparams(h)
-        for t in range(start, stop):
+        for i in range(stop - start):  # not range(start, stop): a traced start (an online t) stays symbolic
+            t = start + i
             s, b = self.loop._step(self.pkeys, s, b, hparams, self.loop._batch_at(batches, t), t)
         return s, b
 
