@@ -7,12 +7,14 @@ learned by Reptile (rate 1); M = 30 inner optimizations per meta-training run; m
 over 1000 tasks, mean and 95% interval over 5 runs.
 
 Online methods (FO, one_step, greedy, HyperDistill) update the body after every inner step, as in
-Algorithm 3; N.IFT(N, K) (``hf.online.implicit("neumann", N)``) after each of the last K steps, the
+Algorithm 3 (HyperDistill's θ refitted every 50 inner optimizations, the paper's period, or on every
+meta-batch; ``one_step, second-order term ×c`` scales one_step's second-order term by c);
+N.IFT(N, K) (``hf.online.implicit("neumann", N)``) after each of the last K steps, the
 paper's grid (N, K) in {(2, 25), (5, 10), (10, 5)}; offline methods (drmad, truncate, unroll,
 langevin) once per inner optimization. langevin (HPO-SGLD) needs plain SGD, so it runs the same
 problem without momentum, next to unroll on that problem as its reference.
 
-    python examples/sinusoid_anil.py            # full protocol, 5 runs (about 10 minutes on 2 cores)
+    python examples/sinusoid_anil.py            # full protocol, 5 runs, 21 methods (about 35 minutes on 2 cores)
     python examples/sinusoid_anil.py --demo     # the README demo: 1 run, 5 methods, under 2 minutes
     python examples/sinusoid_anil.py --quick    # seconds (tests)
 """
