@@ -252,13 +252,11 @@ def speed_table(steps: int, reps: int, names, peers: bool, whole: bool, segments
     for name in names:
         _, hg, args_n = make(name, steps)
         eager = torch.func.vmap(hg, in_dims=IN_DIMS)
-        fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=SEGMENT)
         check = name == "unroll" or None
         routes[f"hyperfunc {name}, eager"] = ((lambda e=eager, a=args_n: mean_grads(e(*a))), check)
-        routes[f"hyperfunc {name}, hf.compile(segment={SEGMENT})"] = (
-            (lambda c=fast, a=args_n: mean_grads(c(*a))),
-            check,
-        )
+        for k in segments if name == "unroll" else segments[:1]:
+            fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=k)
+            routes[f"hyperfunc {name}, hf.compile(segment={k})"] = ((lambda c=fast, a=args_n: mean_grads(c(*a))), check)
         if whole and name == "unroll":
             whole_fn = torch.compile(torch.func.vmap(hg, in_dims=IN_DIMS))
             start = time.perf_counter()
