@@ -43,10 +43,13 @@ class Segments:
     options: dict
     kernels: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def kernel(self, key: tuple, fn: Kernel) -> Callable:
-        """The compiled kernel for ``key`` (built from ``fn`` on first use)."""
+    def kernel(self, key: tuple, fn: Kernel, per_task: range) -> Callable:
+        """The compiled kernel for ``key`` (built from ``fn`` on first use). The inputs at positions
+        ``per_task`` (states, cotangents, accumulators) are per-task quantities: one that reaches the
+        kernel unbatched (the shared w_0, a zero accumulator) is expanded over the tasks, so the first
+        segment uses the same compiled kernel as the others."""
         if key not in self.kernels:
-            self.kernels[key] = _batched_kernel(fn, self.options)
+            self.kernels[key] = _batched_kernel(fn, self.options, frozenset(per_task))
         return self.kernels[key]
 
 
@@ -58,7 +61,7 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _batched_kernel(fn: Kernel, options: dict) -> Callable:
+def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
     single: list = []
     batched: dict = {}
 
@@ -75,6 +78,12 @@ def _batched_kernel(fn: Kernel, options: dict) -> Callable:
 
         @staticmethod
         def vmap(info, in_dims, *args):
+            if any(in_dims[i] is None for i in per_task):
+                args = tuple(
+                    x.unsqueeze(0).expand(info.batch_size, *x.shape).contiguous() if i in per_task and d is None else x
+                    for i, (x, d) in enumerate(zip(args, in_dims))
+                )
+                in_dims = tuple(0 if i in per_task and d is None else d for i, d in enumerate(in_dims))
             if in_dims not in batched:  # one compiled kernel per batching pattern (e.g. shared hparams)
 
                 def over_tasks(*args):

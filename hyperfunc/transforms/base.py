@@ -286,7 +286,10 @@ class Bound:
     def segment(self, layout: Layout, a: int, n: int, s: Leaves, b: Any, h: Leaves, d: Leaves, others: Leaves):
         """Steps ``a..a+n-1`` by the compiled segment kernel; refuses a loss that draws random numbers."""
         st = self.structure()
-        kernel = self.segments.kernel(("map", n, st, layout.key()), _segments.segment_map(self.loop, st, layout, n))
+        n_b = 0 if st.bkeys is None else len(st.bkeys)
+        kernel = self.segments.kernel(
+            ("map", n, st, layout.key()), _segments.segment_map(self.loop, st, layout, n), range(st.n_state + n_b)
+        )
         before = rng_state(s)
         out = kernel(*s, *buffers_out(st.bkeys, b), *h, *self.window(d, a, n), *self.window(others, a, n), _index(s, a))
         if not same_rng_state(before, rng_state(s)):
@@ -310,13 +313,18 @@ class Bound:
             ct_h, pieces = self.zeros_h(), []
             ct_d = self.zeros_d() if self.loop.full_batch else ()  # accumulated in the kernels
             for (a, n), (s_a, b_a) in reversed(list(zip(chunks, states))):
-                kernel = self.segments.kernel(
-                    ("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n)
-                )
-                out = kernel(
+                args = (
                     *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
                     _index(s_a, a), *ct_s, *ct_h, *ct_d,
                 )  # fmt: skip
+                # per task: the state, buffers, cotangent and accumulators; h, the data and t0 stay as they come
+                state_end = len(s_a) + len(buffers_out(st.bkeys, b_a))
+                data_end = state_end + len(self.h) + len(d) + len(others) + 1
+                per_task = [*range(state_end), *range(data_end, len(args))]
+                kernel = self.segments.kernel(
+                    ("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n), per_task
+                )
+                out = kernel(*args)
                 ct_s, ct_h, ct_d_a = split(out, st.n_state, len(self.h))
                 if self.loop.full_batch:
                     ct_d = ct_d_a
@@ -342,8 +350,9 @@ class Bound:
         """:meth:`outer_vjp` by its compiled kernel."""
         st = self.structure()
         layout, _, batch = Layout.of(self.outer_batch, False)
+        per_task = range(len(s) + len(buffers_out(st.bkeys, b)))
         kernel = self.segments.kernel(
-            ("outer", with_h, st, layout.key()), _segments.outer_vjp(self.outer_loss, st, layout, with_h)
+            ("outer", with_h, st, layout.key()), _segments.outer_vjp(self.outer_loss, st, layout, with_h), per_task
         )
         out = kernel(*s, *buffers_out(st.bkeys, b), *self.h, *batch)
         loss, alpha, ct_h = split(out, 1, st.n_state)
