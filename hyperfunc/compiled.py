@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+import torch
+
 from ._checks import check_int
 from .transforms._segments import Segments
 from .transforms.base import HyperGradFunction
@@ -30,8 +32,6 @@ class Vmapped:
     chunk_size: Optional[int] = None
 
     def __call__(self, *args, **kwargs):
-        import torch
-
         return torch.func.vmap(self.fn, in_dims=self.in_dims, chunk_size=self.chunk_size)(*args, **kwargs)
 
 

@@ -12,6 +12,14 @@ import hyperfunc as hf
 DT = torch.float64
 
 
+def sinusoid_args(problem, seed, dtype=DT):
+    """``(hparams, params0, inner_batches, outer_batch)`` for 2 sinusoid tasks; each ``seed`` gives new tasks
+    and new hyperparameter values of the same shapes (what must not trigger a recompile)."""
+    tasks = hf.tasks.sinusoid_tasks(2, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    hparams = problem.hparams.apply(lambda x: x * (1 + 0.1 * seed))
+    return hparams, problem.params0, tasks.inner_batches, tasks.outer_batch
+
+
 def td(**leaves) -> TensorDict:
     return TensorDict(leaves, batch_size=[])
 

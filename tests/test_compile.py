@@ -15,7 +15,7 @@ grad fails in dynamo's fake-tensor pass. They are not tried in this process: a f
 import pytest
 import torch
 import torch._dynamo.testing
-from problems import tree_close
+from problems import sinusoid_args, tree_close
 
 import hyperfunc as hf
 
@@ -45,12 +45,6 @@ TRANSFORMS = {
 }
 
 
-def _args(problem, seed):
-    tasks = hf.tasks.sinusoid_tasks(2, generator=torch.Generator().manual_seed(seed), dtype=DT)
-    hparams = problem.hparams.apply(lambda x: x * (1 + 0.1 * seed))  # new values, same shapes
-    return hparams, problem.params0, tasks.inner_batches, tasks.outer_batch
-
-
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_fullgraph_compile_equals_eager_without_recompiling(name):
     transform, make = TRANSFORMS[name]
@@ -60,7 +54,7 @@ def test_fullgraph_compile_equals_eager_without_recompiling(name):
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(hg, backend=counter, fullgraph=True)
     for seed in range(2):
-        args = _args(problem, seed)
+        args = sinusoid_args(problem, seed)
         res, ref = compiled(*args), hg(*args)
         tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)

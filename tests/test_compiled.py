@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
-from problems import tree_close
+from problems import sinusoid_args, tree_close
 from tensordict import TensorDict
 from test_modules import conv_bn, data, learned_init, problem
 
@@ -35,12 +35,6 @@ SEGMENTED = {
 }
 
 
-def _args(problem, seed, dtype=DT):
-    tasks = hf.tasks.sinusoid_tasks(2, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    hparams = problem.hparams.apply(lambda x: x * (1 + 0.1 * seed))  # new values, same shapes
-    return hparams, problem.params0, tasks.inner_batches, tasks.outer_batch
-
-
 @pytest.mark.parametrize("name", list(SEGMENTED))
 def test_compiled_segments_equal_eager_without_recompiling(name):
     transform, momentum = SEGMENTED[name]
@@ -50,7 +44,7 @@ def test_compiled_segments_equal_eager_without_recompiling(name):
     fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend=counter, fullgraph=True)
     frames = []
     for seed in range(2):
-        args = _args(prob, seed)
+        args = sinusoid_args(prob, seed)
         res, ref = fast(*args), torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
         tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
         tree_close(res.params, ref.params, rtol=1e-10, atol=1e-12)
@@ -68,7 +62,7 @@ def test_compile_time_is_flat_in_T():
         prob = _anil(steps)
         counter = torch._dynamo.testing.CompileCounter()
         fast = hf.compile(hf.vmap(hf.unroll(prob.loop, prob.outer_loss), in_dims=IN_DIMS), segment=K, backend=counter)
-        fast(*_args(prob, 0))
+        fast(*sinusoid_args(prob, 0))
         frames.append(counter.frame_count)
     assert frames[0] == frames[1], frames
 
@@ -76,7 +70,7 @@ def test_compile_time_is_flat_in_T():
 def test_vmap_equals_torch_func_vmap():
     prob = _anil(T)
     hg = hf.truncate(2)(prob.loop, prob.outer_loss)
-    args = _args(prob, 0)
+    args = sinusoid_args(prob, 0)
     ref = torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
     for chunk in (None, 1):
         tree_close(hf.vmap(hg, in_dims=IN_DIMS, chunk_size=chunk)(*args).grads, ref.grads, rtol=0, atol=0)
@@ -98,7 +92,7 @@ def test_inductor_segments_equal_eager_float32():
     prob = _anil(5, dtype=torch.float32)
     hg = hf.unroll(prob.loop, prob.outer_loss)
     fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=2)  # inductor: 2 + 2 + 1
-    args = _args(prob, 0, torch.float32)
+    args = sinusoid_args(prob, 0, torch.float32)
     res, ref = fast(*args), torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
     tree_close(res.grads, ref.grads, rtol=1e-5, atol=1e-6)
 

@@ -140,6 +140,10 @@ class Structure(NamedTuple):
     bkeys: Any  # the buffer keys, or None for no buffers
     n_state: int
 
+    @property
+    def n_buffers(self) -> int:
+        return 0 if self.bkeys is None else len(self.bkeys)
+
 
 def split(flat: Leaves, *sizes: int) -> list:
     out, i = [], 0
@@ -160,10 +164,9 @@ def buffers_out(bkeys: Any, b: Any) -> Leaves:
 
 def _inputs(st: Structure, layout: Layout) -> tuple:
     """The group sizes of a segment kernel's flat inputs: state, buffers, hparams, d, other batch leaves."""
-    n_b = 0 if st.bkeys is None else len(st.bkeys)
     n_d = sum(1 for f in layout.diff if f)
     n_o = sum(1 for f in layout.diff if f is False)
-    return st.n_state, n_b, len(st.hkeys), n_d, n_o
+    return st.n_state, st.n_buffers, len(st.hkeys), n_d, n_o
 
 
 def _steps(loop: Any, st: Structure, layout: Layout, n: int, s, b, h, d, others, t0) -> tuple:
@@ -211,10 +214,8 @@ def outer_vjp(outer_loss: Any, st: Structure, layout: Layout, with_h: bool) -> K
     """``(s, b, h, batch) -> (L_out, α[, ct_h])``: the outer loss and its gradients."""
     from ..loop import call_loss, module_buffers
 
-    n_b = 0 if st.bkeys is None else len(st.bkeys)
-
     def kernel(*flat):
-        s, b, h, batch = split(flat, st.n_state, n_b, len(st.hkeys))
+        s, b, h, batch = split(flat, st.n_state, st.n_buffers, len(st.hkeys))
         buffers, batch = module_buffers(buffers_in(st.bkeys, b)), layout.rebuild((), batch)
 
         def fn(s, h):

@@ -188,8 +188,9 @@ class Bound:
             raise ValueError("hparams is empty: give at least one hyperparameter (a TensorDict with a tensor leaf)")
         h = leaves_of(hparams, hkeys)
         check_one_device(h, "hparams", leaves_of(p0, keys_of(p0)), "params0")
-        pkeys, batches = keys_of(p0), (inner_batches, outer_batch)
-        return cls(loop, outer_loss, hkeys, pkeys, h, params0, *batches, buffers, exact_init, segments)
+        return cls(
+            loop, outer_loss, hkeys, keys_of(p0), h, params0, inner_batches, outer_batch, buffers, exact_init, segments
+        )
 
     # -- the pieces, as pure functions of flat tuples -------------------------------------------
     def hparams(self, h: Leaves) -> TensorDictBase:
@@ -286,9 +287,9 @@ class Bound:
     def segment(self, layout: Layout, a: int, n: int, s: Leaves, b: Any, h: Leaves, d: Leaves, others: Leaves):
         """Steps ``a..a+n-1`` by the compiled segment kernel; refuses a loss that draws random numbers."""
         st = self.structure()
-        n_b = 0 if st.bkeys is None else len(st.bkeys)
+        per_task = range(st.n_state + st.n_buffers)
         kernel = self.segments.kernel(
-            ("map", n, st, layout.key()), _segments.segment_map(self.loop, st, layout, n), range(st.n_state + n_b)
+            ("map", n, st, layout.key()), _segments.segment_map(self.loop, st, layout, n), per_task
         )
         before = rng_state(s)
         out = kernel(*s, *buffers_out(st.bkeys, b), *h, *self.window(d, a, n), *self.window(others, a, n), _index(s, a))
@@ -309,6 +310,12 @@ class Bound:
         for a, n in chunks:
             states.append(self.segment(layout, a, n, *states[-1], self.h, d, others))
 
+        # per task: the state, buffers, cotangent and accumulators; h, the data and t0 stay as they come
+        state_end = st.n_state + st.n_buffers
+        data_end = state_end + len(self.h) + len(d) + len(others) + 1
+        n_acc_d = len(d) if self.loop.full_batch else 0
+        per_task = [*range(state_end), *range(data_end, data_end + st.n_state + len(self.h) + n_acc_d)]
+
         def pull(ct_s: Leaves) -> tuple[Leaves, HyperCotangent]:
             ct_h, pieces = self.zeros_h(), []
             ct_d = self.zeros_d() if self.loop.full_batch else ()  # accumulated in the kernels
@@ -317,10 +324,6 @@ class Bound:
                     *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
                     _index(s_a, a), *ct_s, *ct_h, *ct_d,
                 )  # fmt: skip
-                # per task: the state, buffers, cotangent and accumulators; h, the data and t0 stay as they come
-                state_end = len(s_a) + len(buffers_out(st.bkeys, b_a))
-                data_end = state_end + len(self.h) + len(d) + len(others) + 1
-                per_task = [*range(state_end), *range(data_end, len(args))]
                 kernel = self.segments.kernel(
                     ("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n), per_task
                 )
@@ -350,7 +353,7 @@ class Bound:
         """:meth:`outer_vjp` by its compiled kernel."""
         st = self.structure()
         layout, _, batch = Layout.of(self.outer_batch, False)
-        per_task = range(len(s) + len(buffers_out(st.bkeys, b)))
+        per_task = range(st.n_state + st.n_buffers)
         kernel = self.segments.kernel(
             ("outer", with_h, st, layout.key()), _segments.outer_vjp(self.outer_loss, st, layout, with_h), per_task
         )
