@@ -67,12 +67,17 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     and is reused for every segment and call; the step index is a tensor input, so no segment
     recompiles. ``hf.compile(hg, segment=k)`` compiles the kernels for one task.
 
+    Forward mode adds the segment's tangent map :math:`Z_{a+k} = \partial s_{a+k}/\partial(s_a, \lambda, D)
+    \cdot (Z_a, E, Z_D)`; the pieces that differentiate the step or the outer loss themselves
+    (``implicit``'s solve at :math:`w_T`, ``distill``'s distilled VJP) are one kernel each.
+
     The result equals the eager transform (float64 to 1e-10). Cost: each segment's VJP recomputes its
     forward (one extra forward pass, as ``checkpoint_every=k``); memory O((T/k + k)·|s|). Supported:
-    transforms built on the segment map and its VJP (``unroll``, ``truncate``, ``one_step``,
-    ``first_order``, ``drmad``, ``greedy_accumulate``, ``langevin``); the others raise ``TypeError``
-    (use ``torch.compile(torch.func.vmap(hg))`` for them). The inner step must not draw random
-    numbers (dropout): the recomputed forward would draw others, so a draw raises ``ValueError``.
+    every built-in transform (``unroll``, ``truncate``, ``one_step``, ``first_order``, ``forward``,
+    ``drmad``, ``greedy_accumulate``, ``distill``, ``implicit``, ``langevin``) and any transform
+    declared ``segmented`` (``make_transform(..., segmented=True)``); an undeclared one raises
+    ``TypeError`` (use ``torch.compile(torch.func.vmap(hg))`` for it). The inner step must not draw
+    random numbers (dropout): the recomputed forward would draw others, so a draw raises ``ValueError``.
 
     Args:
         fn: an :func:`vmap` of a hypergradient function, or a hypergradient function.
@@ -102,9 +107,9 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
         )
     if not fn.segmented:
         raise TypeError(
-            f"hf.compile(segment=k) does not support {fn.name} yet: its algorithm differentiates through the "
-            "inner steps with torch.func (not through the segment kernels); compile it whole with "
-            "torch.compile(torch.func.vmap(hg, in_dims))"
+            f"hf.compile(segment=k) does not support {fn.name}: it is not declared segmented (an algorithm that "
+            "reaches the steps only through Bound.run, run_vjp, run_jvp, outer_vjp and piece declares "
+            "make_transform(..., segmented=True)); compile it whole with torch.compile(torch.func.vmap(hg, in_dims))"
         )
     options.setdefault("dynamic", False)  # symbolic shapes made the generated kernels 30x slower here
     return replace(fn, segments=Segments(segment, options))

@@ -6,11 +6,15 @@ Compiled with dynamo's CompileCounter backend: it traces exactly what inductor w
 graph break fails ``fullgraph=True``) and counts the compiled frames, without inductor's slow C++
 build. ANIL sinusoids in float64 with ``prepare`` (the body's features), 2 vmapped tasks, T = 3.
 
-Not here yet (issue "Speed: compiled hypergradients"): ``unroll(checkpoint_every=k)``, whose RNG
-replay reads ``torch.get_rng_state`` (dynamo refuses to trace it), and ``forward``, whose jvp of a
-grad fails in dynamo's fake-tensor pass. They are not tried in this process: a failed trace inside
-``vmap``/``grad`` leaves functorch's transform stack behind and breaks later eager calls.
+``unroll(checkpoint_every=k)`` cannot be compiled whole (its RNG replay reads ``torch.get_rng_state``,
+which dynamo does not trace): it raises a ValueError that names ``hf.compile(segment=k)``, checked in
+a subprocess, because a failed trace inside ``vmap``/``grad`` leaves functorch's transform stack
+behind and breaks later eager calls in the same process.
 """
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -33,6 +37,7 @@ TRANSFORMS = {
     "one_step": (hf.one_step, _anil),
     "first_order": (hf.first_order, _anil),
     "drmad": (hf.drmad, _anil),
+    "forward": (hf.forward, _anil),
     "greedy_accumulate": (hf.greedy_accumulate(0.9), _anil),
     "implicit_neumann": (hf.implicit("neumann", 3), _anil),
     "implicit_cg": (hf.implicit("cg", 3, damping=1.0), _anil),
@@ -63,6 +68,7 @@ def test_fullgraph_compile_equals_eager_without_recompiling(name):
 
 ONLINE = {
     "one_step": (hf.online.one_step, 0.9),
+    "forward": (hf.online.forward, 0.9),
     "distill": (hf.online.distill(0.9, theta=1.0), 0.9),
     "langevin": (hf.online.langevin(1e-5, seed=0), 0.0),
 }
@@ -88,3 +94,21 @@ def test_online_step_compiles_once_for_every_t(name):
         ref, ref_state = step(ref_state, problem.hparams, tasks.inner_batches, tasks.outer_batch, t)
         tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
     assert counter.frame_count == 2, f"{counter.frame_count} frames for 6 steps"
+
+
+def test_checkpointed_unroll_compiled_whole_names_the_segment_route():
+    code = textwrap.dedent(
+        """
+        import torch, hyperfunc as hf
+        problem = hf.tasks.anil_sinusoid(steps=4, hidden=8)
+        tasks = hf.tasks.sinusoid_tasks(2, generator=torch.Generator().manual_seed(0))
+        hg = hf.unroll(problem.loop, problem.outer_loss, checkpoint_every=2)
+        hg = torch.func.vmap(hg, in_dims=(None, None, 0, 0))
+        torch.compile(hg, backend="eager", fullgraph=True)(
+            problem.hparams, problem.params0, tasks.inner_batches, tasks.outer_batch
+        )
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "cannot be compiled whole" in out.stderr and "hf.compile(hf.vmap(hf.unroll" in out.stderr, out.stderr[-2000:]

@@ -14,6 +14,7 @@ from tensordict import TensorDict
 from test_modules import conv_bn, data, learned_init, problem
 
 import hyperfunc as hf
+from hyperfunc.transforms.base import InitTerm, Outcome, make_transform
 
 DT = torch.float64
 T, K = 7, 3
@@ -32,6 +33,11 @@ SEGMENTED = {
     "drmad": (hf.drmad, 0.9),
     "greedy_accumulate": (hf.greedy_accumulate(0.9), 0.9),
     "langevin": (hf.langevin(3, 4, 1e-5, seed=0), 0.0),
+    "forward": (hf.forward, 0.9),
+    "implicit(neumann)": (hf.implicit("neumann", 3), 0.9),
+    "implicit(cg)": (hf.implicit("cg", 3, damping=1.0), 0.9),
+    "distill(theta=1)": (hf.distill(0.9, theta=1.0), 0.9),
+    "distill(fitted)": (hf.distill(0.9), 0.9),
 }
 
 
@@ -97,11 +103,19 @@ def test_inductor_segments_equal_eager_float32():
     tree_close(res.grads, ref.grads, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("transform", [hf.forward, hf.implicit("cg", 3), hf.distill(0.9, theta=1.0)])
-def test_unsegmented_transform_is_refused(transform):
+def test_undeclared_transform_is_refused():
+    """A transform that does not declare segmented=True (its algorithm may differentiate the steps with
+    torch.func itself, which the kernels have no derivative for) is refused, naming the whole-loop route."""
     prob = _anil(T)
-    with pytest.raises(TypeError, match=r"torch.compile\(torch.func.vmap"):
-        hf.compile(hf.vmap(transform(prob.loop, prob.outer_loss), in_dims=IN_DIMS), segment=K)
+
+    def algorithm(bound):
+        s, b = bound.run(bound.initial(), bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), 0, T)
+        loss, _, direct = bound.outer_vjp(s, b)
+        return Outcome(direct, loss, s, b, InitTerm.ABSENT)
+
+    hg = make_transform(algorithm, "mine", prob.loop, prob.outer_loss)
+    with pytest.raises(TypeError, match=r"does not support mine.*torch.compile\(torch.func.vmap"):
+        hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K)
 
 
 def test_bad_arguments():

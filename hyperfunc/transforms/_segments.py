@@ -1,18 +1,19 @@
 r"""Compiled segment kernels: the protocol's primitives as vmapped, ``torch.compile``'d functions.
 
 ``hf.compile(hg, segment=k)`` attaches a :class:`Segments` to a transform. Its :class:`Bound` then
-runs :meth:`~Bound.run`, :meth:`~Bound.run_vjp` and :meth:`~Bound.outer_vjp` through *kernels*:
-pure functions of flat tuples of tensors, one per kind of piece (the k-step segment map, its VJP,
-the outer loss and its gradient) and per segment length, compiled once and reused for every
-segment and every call. The step index enters a kernel as a tensor, so no segment recompiles.
+runs :meth:`~Bound.run`, :meth:`~Bound.run_vjp`, :meth:`~Bound.run_jvp`, :meth:`~Bound.outer_vjp`
+and :meth:`~Bound.piece` through *kernels*: pure functions of flat tuples of tensors, one per kind
+of piece (the k-step segment map, its VJP, its tangent map, the outer loss and its gradient, a
+transform's own piece) and per segment length, compiled once and reused for every segment and
+every call. The step index enters a kernel as a tensor, so no segment recompiles.
 
 A kernel is a ``torch.autograd.Function`` with a ``vmap`` rule: under ``torch.func.vmap`` (what
 ``hf.vmap`` runs) the rule receives the batched tensors and calls the kernel vmapped over the
 task dimension and compiled, so the batching is inside the compiled code; outside vmap the
 forward calls the kernel compiled for one task. The algorithm's own arithmetic between kernels
 (cotangent sums, interpolations) stays eager. Kernels have no derivative: a transform that
-differentiates through ``run`` with ``torch.func`` (forward mode, implicit's HVP, distill's
-estimator) raises instead of running eagerly.
+differentiates through ``run`` with ``torch.func`` itself must put that work in a
+:meth:`~Bound.piece`, or it is not declared ``segmented`` and ``hf.compile`` refuses it.
 """
 
 from __future__ import annotations
@@ -206,6 +207,38 @@ def segment_vjp(loop: Any, st: Structure, layout: Layout, n: int) -> Kernel:
         if len(acc_d) == n_d:
             ct_d = tuple(a + x for a, x in zip(acc_d, ct_d))
         return tuple(ct_s) + tuple(a + x for a, x in zip(acc_h, ct_h)) + tuple(ct_d)
+
+    return kernel
+
+
+def push_forward(fn: Callable, primals: tuple, tangents: tuple) -> tuple:
+    r"""``(fn(*primals), J·t for every row t of tangents, aux)`` for ``fn(*primals) -> (out, aux)``.
+
+    The products are the transpose of ``fn``'s VJP: :math:`u \mapsto J^\top u` is linear, so its VJP
+    at any :math:`u` with cotangent :math:`t` is :math:`J t`. One VJP of ``fn`` serves every row of
+    ``tangents`` (a tuple over ``primals``, each a tuple of leaves with a leading direction dimension).
+    Reverse-over-reverse, because ``torch.func.jvp`` of a step holding a ``torch.func.grad`` fails in
+    dynamo's fake-tensor pass when a ``vmap`` over tasks encloses the ``vmap`` over directions (torch
+    2.13), which both compiled routes need; this form compiles there."""
+    out, pull, aux = torch.func.vjp(fn, *primals, has_aux=True)
+    transpose = torch.func.vjp(pull, tuple(torch.zeros_like(x) for x in out))[1]
+    return out, torch.func.vmap(lambda *t: transpose(t)[0])(*tangents), aux
+
+
+def segment_jvp(loop: Any, st: Structure, layout: Layout, n: int) -> Kernel:
+    r"""``(s, b, h, d, others, t0, Z, E, Zd) -> (s', b', Z')``: the segment map and its tangents
+    :math:`Z' = A Z + B_\lambda E + B_d Z_d` (one row per hyperparameter direction)."""
+    sizes = _inputs(st, layout)
+
+    def kernel(*flat):
+        s, b, h, d, others, (t0,), Z, E, Zd = split(flat, *sizes, 1, st.n_state, sizes[2])
+
+        def fn(s, h, d):
+            out = _steps(loop, st, layout, n, s, b, h, d, others, t0)
+            return out[: st.n_state], out[st.n_state :]
+
+        s, Z, b = push_forward(fn, (s, h, d), (Z, E, Zd))
+        return tuple(s) + tuple(b) + tuple(Z)
 
     return kernel
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import torch
 import torch.utils._pytree as pytree
@@ -34,6 +34,9 @@ from .._tree import Keys, Leaves, add, build, check_same_keys, check_tensordict,
 from ..loop import InnerLoop, Loss, call_loss, module_buffers
 from . import _segments
 from ._segments import Layout, Segments, Structure, buffers_in, buffers_out, split
+
+if TYPE_CHECKING:
+    from .forward import Tangents
 
 
 class HyperGrad(NamedTuple):
@@ -253,6 +256,20 @@ class Bound:
 
         return (s_new, b_new), pull
 
+    def run_jvp(self, s: Leaves, b: Any, Z: Leaves, tangents: Tangents, start: int, stop: int):
+        r"""Steps ``start..stop-1`` pushed forward: ``(s', b', Z')`` with :math:`Z' = A Z + B_\lambda E + B_d Z_d`
+        for every row of ``Z`` (forward mode; ``tangents``: the directions :math:`E` in λ, the prepared
+        floats ``d`` with their tangents :math:`Z_d`). Eager: one step at a time (memory O(H·|s|))."""
+        if self.segments is not None:
+            return self.segments_jvp(s, b, Z, tangents, start, stop)
+        for i in range(stop - start):
+
+            def fn(s, h, d, b=b, t=start + i):
+                return self.run(s, b, h, tangents.rebuild(d), t, t + 1)
+
+            s, Z, b = _segments.push_forward(fn, (s, self.h, tangents.d), (Z, tangents.E, tangents.Zd))
+        return s, b, Z
+
     def outer(self, s: Leaves, b: Any, h: Leaves) -> torch.Tensor:
         r""":math:`L_{out}(w, \lambda; D_{val})` for the params held in state ``s`` (its buffer update is dropped)."""
         params = build(self.pkeys, self.params(s))
@@ -292,7 +309,8 @@ class Bound:
             ("map", n, st, layout.key()), _segments.segment_map(self.loop, st, layout, n), per_task
         )
         before = rng_state(s)
-        out = kernel(*s, *buffers_out(st.bkeys, b), *h, *self.window(d, a, n), *self.window(others, a, n), _index(s, a))
+        data = (*self.window(d, a, n), *self.window(others, a, n), step_index(s, a))
+        out = kernel(*s, *buffers_out(st.bkeys, b), *h, *data)
         if not same_rng_state(before, rng_state(s)):
             raise ValueError(
                 "hf.compile(segment=k) needs an inner step without random draws (dropout, torch.rand): the "
@@ -322,7 +340,7 @@ class Bound:
             for (a, n), (s_a, b_a) in reversed(list(zip(chunks, states))):
                 args = (
                     *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
-                    _index(s_a, a), *ct_s, *ct_h, *ct_d,
+                    step_index(s_a, a), *ct_s, *ct_h, *ct_d,
                 )  # fmt: skip
                 kernel = self.segments.kernel(
                     ("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n), per_task
@@ -338,6 +356,46 @@ class Bound:
             return ct_s, HyperCotangent(ct_h, ct_d)
 
         return states[-1], pull
+
+    def segments_jvp(self, s: Leaves, b: Any, Z: Leaves, tangents: Tangents, start: int, stop: int):
+        """:meth:`run_jvp` by segment kernels."""
+        st = self.structure()
+        layout, d, others = Layout.of(tangents.rebuild(tangents.d), self.loop.prepare is not None)
+        state_end = st.n_state + st.n_buffers
+        z_start = state_end + len(self.h) + len(d) + len(others) + 1
+        per_task = [*range(state_end), *range(z_start, z_start + st.n_state)]
+        for a, n in self.chunks(start, stop):
+            kernel = self.segments.kernel(
+                ("jvp", n, st, layout.key()), _segments.segment_jvp(self.loop, st, layout, n), per_task
+            )
+            Zd = tangents.Zd if self.loop.full_batch else tuple(x[:, a : a + n] for x in tangents.Zd)
+            out = kernel(
+                *s, *buffers_out(st.bkeys, b), *self.h, *self.window(d, a, n), *self.window(others, a, n),
+                step_index(s, a), *Z, *tangents.E, *Zd,
+            )  # fmt: skip
+            s, b, Z = split(out, st.n_state, st.n_buffers)
+            b = buffers_in(st.bkeys, b)
+        return s, b, Z
+
+    def piece(self, name: str, fn: Callable, b: Any, per_task: tuple = (), shared: tuple = ()) -> Leaves:
+        """``fn(bound, b, *per_task, *shared) -> tuple of tensors``: a piece of an algorithm that
+        differentiates the step or the outer loss itself (implicit's solve, distill's distilled VJP);
+        ``per_task`` and ``shared`` are tuples of leaf tuples. Eager: ``fn`` on this bound. Under
+        ``hf.compile``: one compiled kernel per ``name`` and input structure, which runs ``fn`` on a
+        bound rebuilt from its flat inputs (with the prepared batches; ``prepare``'s pullback stays
+        with :meth:`finish`). ``b`` and ``per_task`` are expanded over the tasks when they arrive
+        unbatched; ``shared`` (indices, a step) are taken as they come."""
+        if self.segments is None:
+            return tuple(fn(self, b, *per_task, *shared))
+        st, prep = self.structure(), self.prep
+        layout, d, others = Layout.of(prep.rebuild(prep.d), self.loop.prepare is not None)
+        outer_layout, _, outer = Layout.of(self.outer_batch, False)
+        sizes = (st.n_buffers, *map(len, per_task), *map(len, shared), len(self.h), len(d), len(others))
+        key = ("piece", name, sizes, st, layout.key(), outer_layout.key())
+        per_task_positions = range(sum(sizes[: 1 + len(per_task)]))
+        kernel = self.segments.kernel(key, _piece_kernel(self, fn, st, layout, outer_layout, sizes), per_task_positions)
+        flat = (x for group in (buffers_out(st.bkeys, b), *per_task, *shared, self.h, d, others, outer) for x in group)
+        return kernel(*flat)
 
     def assemble_d(self, pieces: list, start: int, stop: int) -> Leaves:
         """The cotangent on ``d`` from the segments' cotangents on their windows (zero outside them)."""
@@ -441,7 +499,24 @@ class Bound:
         return HyperGrad(build(self.hkeys, grads), out.loss, params, out.b)
 
 
-def _index(s: Leaves, a: int) -> torch.Tensor:
+def _piece_kernel(template: Bound, fn: Callable, st: Structure, layout: Layout, outer_layout: Layout, sizes: tuple):
+    """The kernel of :meth:`Bound.piece`: ``fn`` on a bound rebuilt from the flat inputs."""
+    loop, outer_loss, exact_init = template.loop, template.outer_loss, template.exact_init
+    n_groups = len(sizes) - 4  # per_task and shared
+
+    def kernel(*flat):
+        b, *groups = split(flat, *sizes)
+        groups, (h, d, others, outer) = groups[:n_groups], groups[n_groups:]
+        batches, b = layout.rebuild(d, others), buffers_in(st.bkeys, b)
+        outer = outer_layout.rebuild((), outer)
+        bound = Bound(loop, outer_loss, st.hkeys, st.pkeys, h, None, batches, outer, b, exact_init)
+        bound._cache["prep"] = Prepared(d, lambda d: layout.rebuild(d, others), None)
+        return tuple(fn(bound, b, *groups))
+
+    return kernel
+
+
+def step_index(s: Leaves, a: int) -> torch.Tensor:
     """The step index ``a`` as a tensor on the state's device (a kernel input: no recompile per segment)."""
     return torch.full((), a, dtype=torch.int64, device=s[0].device)
 

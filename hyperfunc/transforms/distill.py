@@ -20,7 +20,18 @@ from .._tree import Leaves, add, dot, safe_divide, scale, tensor_leaves, tree_in
 from ..loop import InnerLoop, Loss
 from ..optim._noise import bits
 from ._online import Online, OnlineState, Session
-from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform, refuse_loop
+from ._segments import split
+from .base import (
+    Bound,
+    HyperCotangent,
+    InitTerm,
+    Outcome,
+    Transform,
+    check_transform_args,
+    make_transform,
+    refuse_loop,
+    step_index,
+)
 from .greedy import check_gamma
 from .reverse import HyperGradFn, drmad_pass, interpolate
 
@@ -94,13 +105,22 @@ def distilled_vjp(bound: Bound, dist: Distilled, b: Any, t: int, alpha: Leaves) 
     r""":math:`v = \alpha\, \partial\Phi(s^*, \lambda; D^*)/\partial\lambda` as a cotangent on ``(λ, d)``.
 
     Module buffers are not averaged (integer counters cannot be): the step at :math:`s^*` runs with
-    the current buffers ``b``."""
-    prep = bound.prep
+    the current buffers ``b``. One :meth:`Bound.piece` (a compiled kernel under ``hf.compile``)."""
+    D = () if dist.D is None else dist.D
+    out = bound.piece("distilled_vjp", _distilled_vjp, b, (dist.s, alpha), (D, (step_index(alpha, t),)))
+    return HyperCotangent(*split(out, len(bound.h)))
+
+
+def _distilled_vjp(bound: Bound, b: Any, s_star: Leaves, alpha: Leaves, D: tuple, t: tuple) -> Leaves:
+    (t,), prep = t, bound.prep
 
     def phi(h: Leaves, d: Leaves) -> Leaves:
-        return bound.step_on(dist.s, b, h, dist.batch(bound, prep.rebuild(d), t), t)[0]
+        batches = prep.rebuild(d)
+        batch = tree_index(batches, D) if D else bound.loop._batch_at(batches, t)
+        return bound.step_on(s_star, b, h, batch, t)[0]
 
-    return HyperCotangent(*torch.func.vjp(phi, bound.h, prep.d)[1](alpha))
+    ct_h, ct_d = torch.func.vjp(phi, bound.h, prep.d)[1](alpha)
+    return (*ct_h, *ct_d)
 
 
 #: the range of a trustworthy θ fit (see docs/errors.md)
@@ -280,7 +300,7 @@ def distill(gamma: float, theta: Any = None, seed: int = 0) -> Transform:
         return Outcome(direct.plus(v.times(size)), loss, s, b, InitTerm.ABSENT)
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
-        return make_transform(algorithm, f"distill({gamma})", loop, outer_loss)
+        return make_transform(algorithm, f"distill({gamma})", loop, outer_loss, segmented=True)
 
     return transform
 

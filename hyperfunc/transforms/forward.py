@@ -72,38 +72,26 @@ class Tangents(NamedTuple):
             Z = tuple(x.new_zeros((self.E[0].shape[0], *x.shape)) for x in s)
         return ForwardState(t, s, b, Z)
 
-    def step(self, state: ForwardState) -> ForwardState:
-        r""":math:`s_{t+1} = \Phi(s_t)`, :math:`Z_{t+1} = A_{t+1} Z_t + B_{t+1}` by one vmapped JVP."""
-        bound, t = self.bound, state.t
-
-        def phi(s, h, d):
-            return bound.run(s, state.b, h, self.rebuild(d), t, t + 1)
-
-        def tangent(z, e, zd):
-            return jvp(phi, (state.s, bound.h, self.d), (z, e, zd), has_aux=True)
-
-        s, Z, b = _first(vmap(tangent)(state.Z, self.E, self.Zd), 0, 2)
-        return ForwardState(t + 1, s, b, Z)
+    def advance(self, state: ForwardState, stop: int) -> ForwardState:
+        r"""Steps ``t..stop-1``: :math:`s_{t+1} = \Phi(s_t)`, :math:`Z_{t+1} = A_{t+1} Z_t + B_{t+1}`
+        (:meth:`Bound.run_jvp`: one VJP per step, transposed for all ``H`` directions)."""
+        s, b, Z = self.bound.run_jvp(state.s, state.b, state.Z, self, state.t, stop)
+        return ForwardState(stop, s, b, Z)
 
     def hypergrad(self, state: ForwardState) -> tuple[Leaves, torch.Tensor]:
-        r""":math:`\partial_\lambda L_{out}(w_t) + \alpha_t Z_t`, reshaped like the hyperparameters."""
+        r""":math:`\partial_\lambda L_{out}(w_t) + \alpha_t Z_t`, reshaped like the hyperparameters (one outer VJP)."""
         bound = self.bound
-        loss, g = _first(
-            vmap(lambda z, e: jvp(lambda s, h: bound.outer(s, state.b, h), (state.s, bound.h), (z, e)))(
-                state.Z, self.E
-            ),
-            0,
-        )
+        loss, alpha, direct = bound.outer_vjp(state.s, state.b)
+        # α_t Z_t, one entry per direction
+        chain = sum((z * a).reshape(len(z), -1).sum(1) for z, a in zip(state.Z, alpha))
         numels = [x.numel() for x in bound.h]
-        return tuple(block.reshape(x.shape) for block, x in zip(g.split(numels), bound.h)), loss
+        return tuple(g + c.reshape(g.shape) for g, c in zip(direct.h, chain.split(numels))), loss
 
 
 def forward_pass(bound: Bound) -> Outcome:
     """Forward mode over all ``T`` steps; the ``prepare`` and ``w_0`` terms are inside the tangents."""
     fp = Tangents.of(bound)
-    state = fp.init(bound.initial(), bound.buffers)
-    for _ in range(bound.loop.steps):
-        state = fp.step(state)
+    state = fp.advance(fp.init(bound.initial(), bound.buffers), bound.loop.steps)
     grads, loss = fp.hypergrad(state)
     init = InitTerm.INCLUDED if bound.exact_init else InitTerm.ABSENT
     return Outcome(HyperCotangent(grads, ()), loss, state.s, state.b, init)
@@ -118,13 +106,15 @@ def forward(loop: InnerLoop, outer_loss: Loss) -> HyperGradFunction:
         Z_0 = \frac{ds_0}{d\lambda}, \qquad Z_t = A_t Z_{t-1} + B_t, \qquad
         \frac{dF}{d\lambda} = \partial_\lambda L_{out}(w_T) + \alpha_T Z_T,
 
-    with one ``torch.func.jvp`` of the step map per step, vmapped over the ``H`` basis directions
-    of the hyperparameter space. Equal to :func:`unroll` to rounding error.
+    with the products :math:`A_t Z_{t-1} + B_t` for all ``H`` basis directions of the hyperparameter
+    space from one VJP of the step map per step, transposed (reverse-over-reverse: the VJP is
+    linear in its cotangent, so its own VJP is the JVP; ``torch.func.jvp`` of a step holding a
+    gradient does not compile under an outer ``vmap``). Equal to :func:`unroll` to rounding error.
 
-    Cost: ``T·H`` Jacobian-vector products (batched as ``T`` vmapped JVPs); memory O(H·|s|),
-    flat in ``T``. Meant for few hyperparameters (learning rates, a weight decay): for thousands
-    of them use a reverse-mode transform. Module buffers are carried with the primal state (no
-    tangent).
+    Cost: ``T`` step VJPs plus ``T·H`` transposed products (vmapped over the directions) and one
+    outer VJP; memory O(H·|s|) plus one step's graph, flat in ``T``. Meant for few hyperparameters
+    (learning rates, a weight decay): for thousands of them use a reverse-mode transform. Module
+    buffers are carried with the primal state (no tangent).
 
     Example:
         >>> import torch, hyperfunc as hf
@@ -137,7 +127,7 @@ def forward(loop: InnerLoop, outer_loss: Loss) -> HyperGradFunction:
         >>> res.grads["lr"].shape
         torch.Size([])
     """
-    return make_transform(forward_pass, "forward", loop, outer_loss)
+    return make_transform(forward_pass, "forward", loop, outer_loss, segmented=True)
 
 
 def online_forward(loop: InnerLoop, outer_loss: Loss) -> Online:
@@ -146,7 +136,8 @@ def online_forward(loop: InnerLoop, outer_loss: Loss) -> Online:
 
     With fixed hyperparameters every emission is the exact hypergradient of the horizon ``t``
     (equal to :func:`hyperfunc.forward` at ``t = T``); when they change, ``Z`` mixes the
-    derivatives at past values, as in RTRL. Cost per step: ``H`` JVPs (vmapped); memory O(H·|s|).
+    derivatives at past values, as in RTRL. Cost per step: one step VJP, ``H`` transposed products
+    (vmapped) and one outer VJP; memory O(H·|s|).
 
     Example:
         >>> import hyperfunc as hf
@@ -169,7 +160,7 @@ def online_forward(loop: InnerLoop, outer_loss: Loss) -> Online:
         fits = fits and all(torch.is_tensor(z) and z.shape == (H, *x.shape) for z, x in zip(state.extra, s))
         session.check_extra(state, fits, f"online forward with {H} scalar hyperparameters")
         fp = Tangents.of(bound)
-        new = fp.step(ForwardState(t, s, bound.buffers, state.extra))
+        new = fp.advance(ForwardState(t, s, bound.buffers, state.extra), t + 1)
         grads, loss = fp.hypergrad(new)
         result = bound.finish(Outcome(HyperCotangent(grads, ()), loss, new.s, new.b, InitTerm.ABSENT))
         return result, session.state(bound, new.s, new.b, t, new.Z)

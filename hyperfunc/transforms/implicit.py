@@ -13,6 +13,7 @@ from .._checks import check_int, check_real, warn_outside
 from .._tree import Leaves, axpy, dot, safe_divide
 from ..loop import InnerLoop, Loss
 from ._online import Online, OnlineState, Session
+from ._segments import split
 from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform, refuse_loop
 from .reverse import HyperGradFn
 
@@ -179,10 +180,17 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
         check_transform_args(loop, outer_loss)
         ift = ift_for(loop)
 
+        def at_end(bound: Bound, bT: Any, s0: Leaves, sT: Leaves) -> Leaves:
+            g_0 = ift.inner_grad(bound, bound.params(s0), bound.h, bound.prep.d, bT)
+            out = ift(bound, sT, bT, dot(g_0, g_0).sqrt())
+            return (*out.cot.h, *out.cot.d, out.loss, *out.aux)
+
         def algorithm(bound: Bound) -> Outcome:
-            sT, bT = bound.run(bound.initial(), bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), 0, loop.steps)
-            g_0 = ift.inner_grad(bound, bound.params(bound.initial()), bound.h, bound.prep.d, bT)
-            return ift(bound, sT, bT, dot(g_0, g_0).sqrt())
+            s0 = bound.initial()
+            sT, bT = bound.run(s0, bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), 0, loop.steps)
+            out = bound.piece("ift", at_end, bT, (s0, sT))
+            ct_h, ct_d, (loss, residual, stationarity) = split(out, len(bound.h), len(bound.prep.d))
+            return Outcome(HyperCotangent(ct_h, ct_d), loss, sT, bT, InitTerm.ABSENT, (residual, stationarity))
 
         return make_transform(
             algorithm,
@@ -190,6 +198,7 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
             loop,
             outer_loss,
             _with_diagnostics,
+            segmented=True,
         )
 
     return transform

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from .._checks import check_int
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
@@ -41,6 +43,12 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
     starts = list(range(first, steps, every)) or [first]
     stops = starts[1:] + [steps]
     checkpoints, rng = [(s, b)], []
+    if len(starts) > 1 and torch.compiler.is_compiling():
+        raise ValueError(
+            "unroll(checkpoint_every=k) cannot be compiled whole: replaying a recomputed segment's random draws "
+            "reads torch.get_rng_state, which torch.compile does not trace. Compile it by segments instead, with "
+            "the same memory: hf.compile(hf.vmap(hf.unroll(loop, outer_loss), in_dims), segment=k)"
+        )
     for start, stop in zip(starts[:-1], stops[:-1]):
         rng.append(rng_state(s))
         checkpoints.append(bound.run(*checkpoints[-1], bound.h, batches, start, stop))
