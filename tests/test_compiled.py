@@ -82,6 +82,20 @@ def test_vmap_equals_torch_func_vmap():
         tree_close(hf.vmap(hg, in_dims=IN_DIMS, chunk_size=chunk)(*args).grads, ref.grads, rtol=0, atol=0)
 
 
+def test_nested_vmap_takes_the_general_path():
+    """Inside a second vmap (over two hyperparameter settings) the kernels' inputs are batched at two
+    levels: the direct unwrap declines and autograd.Function's vmap rule runs them; same answer."""
+    prob = _anil(5)
+    hg = hf.vmap(hf.unroll(prob.loop, prob.outer_loss), in_dims=IN_DIMS)
+    fast = hf.compile(hg, segment=2, backend=torch._dynamo.testing.CompileCounter())
+    h, params0, batches, val = sinusoid_args(prob, 0)
+    both = torch.stack([h, h.apply(lambda x: 1.1 * x)])
+    outer = (0, None, None, None)
+    res = torch.func.vmap(fast, in_dims=outer)(both, params0, batches, val)
+    ref = torch.func.vmap(hg, in_dims=outer)(both, params0, batches, val)
+    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+
+
 def test_compile_one_task_and_learned_init_with_buffers():
     """Without hf.vmap the kernels are compiled for one task; BatchNorm buffers and a learned w_0 go through."""
     net = conv_bn()

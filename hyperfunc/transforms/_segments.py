@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+import torch._C._functorch as _functorch
+import torch._functorch.pyfunctorch as _pyfunctorch
 import torch.utils._pytree as pytree
 
 from .._tree import Keys, Leaves, build
@@ -66,6 +68,24 @@ def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
     single: list = []
     batched: dict = {}
 
+    def over_tasks(batch_size: int, in_dims: tuple, args: tuple) -> tuple:
+        """The kernel on the tasks' physical tensors (task dimension ``in_dims``): outputs batched at dim 0."""
+        if any(in_dims[i] is None for i in per_task):
+            args = tuple(
+                x.unsqueeze(0).expand(batch_size, *x.shape).contiguous() if i in per_task and d is None else x
+                for i, (x, d) in enumerate(zip(args, in_dims))
+            )
+            in_dims = tuple(0 if i in per_task and d is None else d for i, d in enumerate(in_dims))
+        if in_dims not in batched:  # one compiled kernel per batching pattern (e.g. shared hparams)
+
+            def over(*args):
+                return torch.func.vmap(fn, in_dims=in_dims)(*args)
+
+            batched[in_dims] = torch.compile(_own_code(over), **options)
+        # an output that only broadcasts an unbatched input over the tasks comes back with batch
+        # stride 0; materialised, the next kernel call sees the strides it was compiled for
+        return tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[in_dims](*args))
+
     class _Kernel(torch.autograd.Function):
         @staticmethod
         def forward(*args):
@@ -79,24 +99,40 @@ def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
 
         @staticmethod
         def vmap(info, in_dims, *args):
-            if any(in_dims[i] is None for i in per_task):
-                args = tuple(
-                    x.unsqueeze(0).expand(info.batch_size, *x.shape).contiguous() if i in per_task and d is None else x
-                    for i, (x, d) in enumerate(zip(args, in_dims))
-                )
-                in_dims = tuple(0 if i in per_task and d is None else d for i, d in enumerate(in_dims))
-            if in_dims not in batched:  # one compiled kernel per batching pattern (e.g. shared hparams)
-
-                def over_tasks(*args):
-                    return torch.func.vmap(fn, in_dims=in_dims)(*args)
-
-                batched[in_dims] = torch.compile(_own_code(over_tasks), **options)
-            # an output that only broadcasts an unbatched input over the tasks comes back with batch
-            # stride 0; materialised, the next kernel call sees the strides it was compiled for
-            out = tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[in_dims](*args))
+            out = over_tasks(info.batch_size, in_dims, args)
             return out, tuple(0 for _ in out)
 
-    return _Kernel.apply
+    def call(*args):
+        out = _under_vmap(over_tasks, args)
+        return _Kernel.apply(*args) if out is None else out
+
+    return call
+
+
+def _under_vmap(over_tasks: Callable, args: tuple) -> Any:
+    """``over_tasks`` called on the physical tensors when the innermost transform is a ``vmap`` whose
+    level holds every batched input directly (the common case, ``hf.vmap``), else None.
+
+    It is what ``autograd.Function``'s vmap rule does (unwrap the level, run below it, wrap the
+    outputs at dim 0), without its per-call pytree handling, which cost more than the compiled
+    kernels themselves (cProfile, unroll at T = 100, k = 10: 0.36 s of 0.65 s)."""
+    interpreter = _functorch.peek_interpreter_stack()
+    if interpreter is None or interpreter.key() != _functorch.TransformType.Vmap:
+        return None
+    vmap_level = _pyfunctorch.coerce_cinterpreter(interpreter)
+    level = vmap_level.level()
+    unwrapped, in_dims = [], []
+    for x in args:
+        x, d = _functorch._unwrap_batched(x, level)
+        if _functorch.is_functorch_wrapped_tensor(x):  # another transform's tensor: take the general path
+            return None
+        unwrapped.append(x)
+        in_dims.append(d)
+    if all(d is None for d in in_dims):
+        return None
+    with vmap_level.lower():
+        out = over_tasks(vmap_level.batch_size(), tuple(in_dims), tuple(unwrapped))
+    return tuple(_functorch._add_batch_dim(x, 0, level) for x in out)
 
 
 class Layout(NamedTuple):
