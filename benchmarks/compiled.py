@@ -22,6 +22,7 @@ Run alone (two processes on 2 cores slow each other down):  python benchmarks/co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from tensordict import TensorDict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import markdown, median_seconds  # noqa: E402
@@ -51,6 +53,9 @@ def transforms() -> dict:
         "drmad": (hf.drmad, MOMENTUM),
         "greedy_accumulate(0.9)": (hf.greedy_accumulate(0.9), MOMENTUM),
         "langevin(T/2, T/2, 1e-5)": (None, 0.0),
+        "distill(0.9, θ=1)": (hf.distill(0.9, theta=1.0), MOMENTUM),
+        "implicit(cg, 10, damping=1)": (hf.implicit("cg", 10, damping=1.0), MOMENTUM),
+        "forward (H = 1: the lr)": (hf.forward, MOMENTUM),
     }
 
 
@@ -59,10 +64,26 @@ def make(name: str, steps: int):
     if transform is None:
         transform = hf.langevin(steps // 2, steps - steps // 2, 1e-5, seed=0)
     problem = hf.tasks.anil_sinusoid(steps=steps, momentum=momentum)
+    if transform is hf.forward:
+        problem = learning_rate_problem(problem)
     tasks = hf.tasks.sinusoid_tasks(TASKS, generator=torch.Generator().manual_seed(0))
     heads = problem.params0.expand(TASKS).clone()
     args = (problem.hparams, heads, tasks.inner_batches, tasks.outer_batch)
     return problem, transform(problem.loop, problem.outer_loss), args
+
+
+def learning_rate_problem(problem):
+    """The same inner loop with its learning rate as the one hyperparameter and the body fixed: forward
+    mode carries one tangent per scalar hyperparameter, so it is measured where it is meant to be used
+    (H = 1, not the body's 20k scalars). The inner loop's cost is unchanged."""
+    body = TensorDict({"body": problem.hparams["body"]}, [])
+    loop = dataclasses.replace(
+        problem.loop,
+        optimizer=hf.optim.sgd(lr=lambda h: h["lr"], momentum=MOMENTUM),
+        prepare=lambda h, batch: problem.loop.prepare(body, batch),
+    )
+    hparams = TensorDict({"lr": torch.tensor(LR)}, [])
+    return problem._replace(loop=loop, outer_loss=lambda p, h, b: problem.outer_loss(p, body, b), hparams=hparams)
 
 
 def flat(keys, tensors) -> torch.Tensor:
@@ -72,7 +93,7 @@ def flat(keys, tensors) -> torch.Tensor:
 
 
 def mean_grads(res) -> torch.Tensor:
-    grads = res.grads["body"]
+    grads = res.grads
     return flat(grads.keys(True, True), [g.mean(0) for g in grads.values(True, True)])
 
 

@@ -94,8 +94,11 @@ def zeros_like(xs: Sequence[torch.Tensor]) -> Leaves:
     return tuple(torch.zeros_like(x) for x in xs)
 
 
-def tree_index(tree: Any, index: int) -> Any:
-    """Select ``index`` along the leading dimension of every tensor leaf of a pytree."""
+def tree_index(tree: Any, index: Any) -> Any:
+    """Select ``index`` along the leading dimension of every tensor leaf of a pytree (an int, a 0-d
+    integer tensor, e.g. a step index traced in a compiled kernel, or a tuple of index tensors)."""
+    if torch.is_tensor(index) and index.dim() == 0:  # x[t] would read the value (a graph break when traced)
+        return pytree.tree_map(lambda x: x.index_select(0, index.reshape(1))[0] if torch.is_tensor(x) else x, tree)
     return pytree.tree_map(lambda x: x[index] if torch.is_tensor(x) else x, tree)
 
 

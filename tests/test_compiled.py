@@ -5,6 +5,8 @@ Compiled with dynamo's CompileCounter backend (the graphs inductor would receive
 inductor's C++ build) except one inductor test. T = 7 with k = 3 covers a remainder segment (3+3+1).
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -96,12 +98,26 @@ def test_nested_vmap_takes_the_general_path():
     tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
 
 
-def test_compile_one_task_and_learned_init_with_buffers():
-    """Without hf.vmap the kernels are compiled for one task; BatchNorm buffers and a learned w_0 go through."""
+LEARNED_INIT = {
+    "unroll": (hf.unroll, True),
+    "forward": (hf.forward, True),
+    "drmad": (hf.drmad, True),
+    "greedy_accumulate": (hf.greedy_accumulate(0.9), True),
+    "langevin": (hf.langevin(1, 2, 1e-5, seed=0), False),  # HPO-SGLD: plain SGD
+}
+
+
+@pytest.mark.parametrize("name", list(LEARNED_INIT))
+def test_compile_one_task_and_learned_init_with_buffers(name):
+    """Without hf.vmap the kernels are compiled for one task; BatchNorm buffers and a learned w_0 go through
+    (langevin's w_0 term holds a Hessian-vector product of the outer loss inside its scan kernel)."""
+    transform, momentum = LEARNED_INIT[name]
     net = conv_bn()
     loop, outer, hparams, buffers = problem(net, steps=3)
+    if not momentum:
+        loop = dataclasses.replace(loop, optimizer=hf.optim.sgd(lr=0.05))
     batches, val = data(steps=3)
-    hg = hf.unroll(loop, outer)
+    hg = transform(loop, outer)
     fast = hf.compile(hg, segment=2, backend=torch._dynamo.testing.CompileCounter(), fullgraph=True)
     res, ref = fast(hparams, learned_init, batches, val, buffers), hg(hparams, learned_init, batches, val, buffers)
     tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)

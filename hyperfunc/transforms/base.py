@@ -241,20 +241,51 @@ class Bound:
     def run_vjp(self, s: Leaves, b: Any, start: int, stop: int):
         r"""Steps ``start..stop-1`` and their VJP: ``((s', b'), pull)`` with
         ``pull(ct_s') -> (ct_s, HyperCotangent)``, the products :math:`\bar s A` and :math:`\bar s B`."""
-        prep = self.prep
         if self.segments is not None:
             return self.segments_vjp(s, b, start, stop)
+        return self._vjp(lambda s, h, d: self.run(s, b, h, self.prep.rebuild(d), start, stop), s)
+
+    def step_vjp(self, s: Leaves, b: Any, t: Any):
+        """One step (index ``t``: an int, or a tensor inside a :meth:`scan` kernel) and its VJP, as
+        :meth:`run_vjp`; always eager (under ``hf.compile`` it runs inside a scan's kernel)."""
 
         def fn(s, h, d):
-            return self.run(s, b, h, prep.rebuild(d), start, stop)
+            return self.loop._step(self.pkeys, s, b, self.hparams(h), self.loop._batch_at(self.prep.rebuild(d), t), t)
 
-        s_new, vjp_fn, b_new = torch.func.vjp(fn, s, self.h, prep.d, has_aux=True)
+        return self._vjp(fn, s)
+
+    def _vjp(self, fn: Callable, s: Leaves):
+        s_new, vjp_fn, b_new = torch.func.vjp(fn, s, self.h, self.prep.d, has_aux=True)
 
         def pull(ct_s: Leaves) -> tuple[Leaves, HyperCotangent]:
             ct_s, ct_h, ct_d = vjp_fn(ct_s)
             return ct_s, HyperCotangent(ct_h, ct_d)
 
         return (s_new, b_new), pull
+
+    def scan(self, name: str, body: Callable, b: Any, carry: tuple, start: int, stop: int, shared: tuple = ()):
+        """``(b, carry)`` after ``body(bound, b, i, *carry, *shared) -> (b, *carry)`` for ``i = start..stop-1``
+        (``carry``, ``shared``: tuples of leaf tuples): a transform's per-step recursion (DrMAD's backward
+        travel, greedy accumulation, HPO-SGLD). Eager: a Python loop, ``i`` an int. Under ``hf.compile``:
+        one :meth:`piece` per segment of k iterations, ``i`` a tensor, so ``body`` must not branch on ``i``
+        in Python, and must close over static values only (``name`` must name every static choice)."""
+        if self.segments is None:
+            for i in range(start, stop):
+                b, *carry = body(self, b, i, *carry, *shared)
+            return b, tuple(carry)
+        st, sizes = self.structure(), tuple(map(len, carry))
+        for a, n in self.chunks(start, stop):
+
+            def fn(bound, b, *groups, n=n):
+                carry, rest, ((i0,),) = groups[: len(sizes)], groups[len(sizes) : -1], groups[-1:]
+                for j in range(n):
+                    b, *carry = body(bound, b, i0 + j, *carry, *rest)
+                return (*buffers_out(st.bkeys, b), *(x for group in carry for x in group))
+
+            out = self.piece(f"{name}/{n}", fn, b, carry, (*shared, (step_index(self.h, a),)))
+            b, *carry = split(out, st.n_buffers, *sizes[:-1])
+            b = buffers_in(st.bkeys, b)
+        return b, tuple(carry)
 
     def run_jvp(self, s: Leaves, b: Any, Z: Leaves, tangents: Tangents, start: int, stop: int):
         r"""Steps ``start..stop-1`` pushed forward: ``(s', b', Z')`` with :math:`Z' = A Z + B_\lambda E + B_d Z_d`
@@ -497,6 +528,14 @@ class Bound:
         params = build(self.pkeys, self.params(out.s))
         grads = tuple(g.to(x.dtype) for g, x in zip(grads, self.h))  # the dtypes of hparams, for every transform
         return HyperGrad(build(self.hkeys, grads), out.loss, params, out.b)
+
+
+def where_step(cond: Any, x: Leaves) -> Leaves:
+    """``x`` where ``cond`` holds, else zeros: ``cond`` is a bool on a step index, a Python bool eagerly
+    and a tensor inside a :meth:`Bound.scan` kernel (no Python branch on a traced index)."""
+    if not torch.is_tensor(cond):
+        return tuple(x) if cond else tuple(torch.zeros_like(v) for v in x)
+    return tuple(torch.where(cond, v, torch.zeros_like(v)) for v in x)
 
 
 def _piece_kernel(template: Bound, fn: Callable, st: Structure, layout: Layout, outer_layout: Layout, sizes: tuple):

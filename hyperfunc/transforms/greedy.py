@@ -11,7 +11,7 @@ from tensordict import TensorDictBase
 from .._tree import Leaves, add, build, check_same_keys, leaves_of, scale, zeros_like
 from ..loop import InnerLoop, Loss
 from ._online import Online, OnlineState, Session
-from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, make_transform, refuse_loop
+from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, make_transform, refuse_loop, where_step
 from .reverse import HyperGradFn
 
 
@@ -38,10 +38,10 @@ def greedy_step(bound: Bound, s: Leaves, b: Any, t: int, acc: Accumulator, gamma
     and, when ``with_direct``, its direct gradient in λ (else ``None``: the outer VJP then skips the
     backward through λ, e.g. through an ANIL body that only the last step needs).
     """
-    (s_new, b_new), pull = bound.run_vjp(s, b, t, t + 1)
+    (s_new, b_new), pull = bound.step_vjp(s, b, t)
     loss, alpha, direct = bound.outer_vjp(s_new, b_new, with_direct)
     ct_s, ct = pull(alpha)
-    s0 = add(scale(gamma, acc.s0), ct_s) if t == 0 else scale(gamma, acc.s0)
+    s0 = add(scale(gamma, acc.s0), where_step(t == 0, ct_s))
     return s_new, b_new, Accumulator(acc.cot.times(gamma).plus(ct), s0), loss, direct
 
 
@@ -71,11 +71,16 @@ def greedy_accumulate(gamma: float) -> Transform:
     gamma = check_gamma(gamma)
 
     def algorithm(bound: Bound) -> Outcome:
-        s, b = bound.initial(), bound.buffers
-        acc = Accumulator(bound.zero_cotangent(), zeros_like(s))
-        for t in range(bound.loop.steps):
-            s, b, acc, loss, direct = greedy_step(bound, s, b, t, acc, gamma, t == bound.loop.steps - 1)
-        return Outcome(direct.plus(acc.cot), loss, s, b, acc.s0)
+        s = bound.initial()
+        carry = (s, *bound.zero_cotangent(), zeros_like(s))
+        b, (s, acc_h, acc_d, acc_s0) = bound.scan("greedy", body, bound.buffers, carry, 0, bound.loop.steps)
+        loss, _, direct = bound.outer_vjp(s, b)
+        return Outcome(direct.plus(HyperCotangent(acc_h, acc_d)), loss, s, b, acc_s0)
+
+    def body(bound: Bound, b: Any, t: Any, s: Leaves, acc_h: Leaves, acc_d: Leaves, acc_s0: Leaves) -> tuple:
+        acc = Accumulator(HyperCotangent(acc_h, acc_d), acc_s0)
+        s, b, acc, _, _ = greedy_step(bound, s, b, t, acc, gamma, False)
+        return b, s, acc.cot.h, acc.cot.d, acc.s0
 
     def transform(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
         return make_transform(algorithm, f"greedy_accumulate({gamma})", loop, outer_loss, segmented=True)

@@ -13,7 +13,16 @@ from .._tree import add, axpy, scale, zeros_like
 from ..loop import InnerLoop, Loss
 from ..optim import sgld
 from ._online import Online
-from .base import Bound, Outcome, Transform, check_transform_args, make_transform, refuse_loop
+from .base import (
+    Bound,
+    HyperCotangent,
+    Outcome,
+    Transform,
+    check_transform_args,
+    make_transform,
+    refuse_loop,
+    where_step,
+)
 from .greedy import accumulating
 from .reverse import HyperGradFn
 
@@ -45,29 +54,38 @@ def check_langevin_args(tau: Any, seed: Any) -> tuple[float, Optional[int]]:
 
 def langevin_pass(bound: Bound, B: int, M: int) -> Outcome:
     r"""Eqs. (22)-(25) over ``B + M`` steps of the bound (SGLD) loop; see :func:`langevin`."""
-    s, b = bound.initial(), bound.buffers
+    s = bound.initial()
     with_init = bound.learned_init and bound.exact_init
-
-    def alpha_of(x, b):
-        return bound.outer_vjp(x, b, with_h=False)[1]
-
     # g_m = G·(dλ, dd/dλ) + G_0·(dθ_0/dλ); H, H_0 are their averages over the last M samples
-    G, G_0 = bound.zero_cotangent(), (alpha_of(s, b) if with_init else zeros_like(s))
-    H, H_0 = bound.zero_cotangent(), zeros_like(s)
-    for m in range(1, B + M + 1):
-        (s_new, b_new), pull = bound.run_vjp(s, b, m - 1, m)
-        loss, alpha, direct = bound.outer_vjp(s_new, b_new)
-        ct_s, ct = pull(alpha)
-        G = G.plus(ct)
-        if with_init:
-            delta = axpy(-1.0, s, s_new)
-            hvp = torch.func.jvp(lambda x: alpha_of(x, b), (s,), (delta,))[1]
-            G_0 = add(G_0, add(hvp, axpy(-1.0, alpha, ct_s)))
-        if m > B:
-            H = H.plus(direct.plus(G).times(1.0 / M))
-            H_0 = add(H_0, scale(1.0 / M, G_0))
-        s, b = s_new, b_new
+    G_0 = bound.outer_vjp(s, bound.buffers, with_h=False)[1] if with_init else zeros_like(s)
+    carry = (s, *bound.zero_cotangent(), G_0, *bound.zero_cotangent(), zeros_like(s))
+    b, (s, _, _, _, H_h, H_d, H_0) = bound.scan(
+        f"langevin/{B}/{M}/{with_init}", _langevin_step(B, M, with_init), bound.buffers, carry, 0, B + M
+    )
+    loss = bound.outer_vjp(s, b, with_h=False)[0]
+    H = HyperCotangent(H_h, H_d)
     return Outcome(H, loss, s, b, H_0)
+
+
+def _langevin_step(B: int, M: int, with_init: bool):
+    """Sample ``m = i + 1`` of Eqs. (22)-(25) as a :meth:`Bound.scan` body."""
+
+    def body(bound, b, i, s, G_h, G_d, G_0, H_h, H_d, H_0) -> tuple:
+        (s_new, b_new), pull = bound.step_vjp(s, b, i)
+        _, alpha, direct = bound.outer_vjp(s_new, b_new)
+        ct_s, ct = pull(alpha)
+        G = HyperCotangent(G_h, G_d).plus(ct)
+        if with_init:
+            # (∇²L_out) δ as the VJP of α = ∇L_out (the Hessian is symmetric); a JVP of a gradient does not
+            # compile under an outer vmap
+            hvp = torch.func.vjp(lambda x: bound.outer_vjp(x, b, with_h=False)[1], s)[1](axpy(-1.0, s, s_new))[0]
+            G_0 = add(G_0, add(hvp, axpy(-1.0, alpha, ct_s)))
+        averaged = i + 1 > B  # sample m = i + 1 is one of the last M
+        g = direct.plus(G).times(1.0 / M)
+        H_h, H_d = add(H_h, where_step(averaged, g.h)), add(H_d, where_step(averaged, g.d))
+        return b_new, s_new, *G, G_0, H_h, H_d, add(H_0, where_step(averaged, scale(1.0 / M, G_0)))
+
+    return body
 
 
 def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transform:

@@ -15,6 +15,7 @@ from .._checks import check_int
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
 from .base import (
+    HyperCotangent,
     HyperGradFunction,
     InitTerm,
     Outcome,
@@ -83,14 +84,29 @@ def drmad_pass(bound, s0: Leaves, sT: Leaves, bT, on_step=None):
     """
     steps = bound.loop.steps
     loss, alpha_T, direct = bound.outer_vjp(sT, bT)
-    ct_s, second = alpha_T, bound.zero_cotangent()
-    for t in range(steps, 0, -1):
-        s_hat = interpolate(s0, sT, (t - 1) / steps)
-        ct_s, ct = bound.run_vjp(s_hat, bT, t - 1, t)[1](ct_s)
-        second = second.plus(ct)
-        if on_step is not None:
-            on_step(t, s_hat, second, alpha_T)
-    return loss, direct.plus(second), ct_s
+    carry, ends = (alpha_T, *bound.zero_cotangent()), (s0, sT)
+    body = _drmad_step(steps)
+    if on_step is None:
+        carry = bound.scan(f"drmad/{steps}", body, bT, carry, 0, steps, ends)[1]
+    else:
+        for i in range(steps):  # one scan step at a time, reporting each
+            carry = bound.scan(f"drmad/{steps}", body, bT, carry, i, i + 1, ends)[1]
+            t = steps - i
+            on_step(t, interpolate(s0, sT, (t - 1) / steps), HyperCotangent(*carry[1:]), alpha_T)
+    ct_s, *second = carry
+    return loss, direct.plus(HyperCotangent(*second)), ct_s
+
+
+def _drmad_step(steps: int):
+    """DrMAD's backward step ``i`` (step ``t = T - i``) as a :meth:`Bound.scan` body."""
+
+    def body(bound, b, i, ct_s: Leaves, sec_h: Leaves, sec_d: Leaves, s0: Leaves, sT: Leaves) -> tuple:
+        t = steps - i
+        c = (t - 1) / steps if isinstance(t, int) else (t - 1).to(s0[0].dtype) / steps
+        ct_s, ct = bound.step_vjp(interpolate(s0, sT, c), b, t - 1)[1](ct_s)
+        return b, ct_s, *HyperCotangent(sec_h, sec_d).plus(ct)
+
+    return body
 
 
 def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = None) -> HyperGradFn:
