@@ -92,13 +92,34 @@ class Distilled(NamedTuple):
 
 def advance(bound: Bound, dist: Optional[Distilled], s: Leaves, t: int, p: float, seed: int, stream: int):
     """Add the state ``s`` and the batch of step ``t`` to the distillation with weight ``1 - p``."""
-    if bound.loop.full_batch:
-        D = None
-    else:
-        n = batch_size(bound.loop._batch_at(bound.batches, t), "one step's inner batch")
-        new = step_indices(n, t, tensor_leaves(bound.batches)[0].device)
-        D = new if dist is None else merge(dist.D, new, keep_count(n, p), seed, t, stream)
+    D = advance_batch(bound, None if dist is None else dist.D, t, p, seed, stream)
     return Distilled(s if dist is None else interpolate(dist.s, s, 1.0 - p), D)
+
+
+def advance_batch(bound: Bound, D: Any, t: int, p: float, seed: int, stream: int) -> Any:
+    """The distilled batch after adding step ``t``'s batch with weight ``1 - p`` (None with ``full_batch``)."""
+    if bound.loop.full_batch:
+        return None
+    n = batch_size(bound.loop._batch_at(bound.batches, t), "one step's inner batch")
+    new = step_indices(n, t, tensor_leaves(bound.batches)[0].device)
+    return new if D is None else merge(D, new, keep_count(n, p), seed, t, stream)
+
+
+def _forward_step(gamma: float):
+    r"""Inner step ``i`` with the running state average of Eq. (13), :math:`s^*_{t} = p_t s^*_{t-1} + (1-p_t) s_{t-1}`
+    (``t = i + 1``), as a :meth:`Bound.scan` body; :math:`p_1 = 0` makes :math:`s^*_1 = s_0`."""
+
+    def body(bound: Bound, b: Any, i: Any, s: Leaves, s_star: Leaves) -> tuple:
+        if isinstance(i, int):
+            p = gamma * horizon(gamma, i) / horizon(gamma, i + 1)
+        else:  # a traced step: Eq. (13)'s weight in tensor arithmetic
+            k = i.to(s[0].dtype)
+            p = (k / (k + 1)) if gamma == 1.0 else gamma * (1 - gamma**k) / (1 - gamma ** (k + 1))
+        s_star = interpolate(s_star, s, 1.0 - p)
+        s, b = bound.step_on(s, b, bound.h, bound.loop._batch_at(bound.prep.rebuild(bound.prep.d), i), i)
+        return b, s, s_star
+
+    return body
 
 
 def distilled_vjp(bound: Bound, dist: Distilled, b: Any, t: int, alpha: Leaves) -> HyperCotangent:
@@ -289,11 +310,15 @@ def distill(gamma: float, theta: Any = None, seed: int = 0) -> Transform:
     theta = None if theta is None else check_theta(theta)
 
     def algorithm(bound: Bound) -> Outcome:
-        steps, prep = bound.loop.steps, bound.prep
-        s, b, dist, batches = bound.initial(), bound.buffers, None, prep.rebuild(prep.d)
-        for t in range(1, steps + 1):
-            dist = advance(bound, dist, s, t - 1, gamma * horizon(gamma, t - 1) / horizon(gamma, t), seed, 0)
-            s, b = bound.run(s, b, bound.h, batches, t - 1, t)
+        steps, s, D = bound.loop.steps, bound.initial(), None
+        b, carry, body = bound.buffers, (s, s), _forward_step(gamma)
+        if bound.loop.full_batch:  # D* = D: the whole recursion is one scan
+            b, carry = bound.scan(f"distill/{gamma}", body, b, carry, 0, steps)
+        else:  # the subsampled batch of Eq. (14) is drawn on the host, one step at a time
+            for t in range(1, steps + 1):
+                D = advance_batch(bound, D, t - 1, gamma * horizon(gamma, t - 1) / horizon(gamma, t), seed, 0)
+                b, carry = bound.scan(f"distill/{gamma}", body, b, carry, t - 1, t)
+        s, dist = carry[0], Distilled(carry[1], D)
         loss, alpha, direct = bound.outer_vjp(s, b)
         size = (estimate(bound, gamma, seed).theta if theta is None else theta) * horizon(gamma, steps)
         v = distilled_vjp(bound, dist, b, steps - 1, alpha)
