@@ -14,7 +14,9 @@ Routes:
   SGD with autograd (a loop over tasks) and ``higher``'s ``innerloop_ctx`` (a loop over tasks).
 
 Compile times are measured in fresh processes: "cold" with an empty inductor cache, "warm" with the
-cache the cold process left (what a user sees on the second run of a script).
+cache the cold process left (what a user sees on the second run of a script). ``--memory`` prints
+the peak memory of one call per transform and route instead (a fresh process each, after a warm-up
+call: the growth of the resident set, see ``_measure.rss_peak_growth``).
 
 Run alone (two processes on 2 cores slow each other down):  python benchmarks/compiled.py
 """
@@ -35,7 +37,7 @@ import torch
 from tensordict import TensorDict
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import markdown, median_seconds  # noqa: E402
+from _measure import markdown, median_seconds, rss_peak_growth  # noqa: E402
 
 import hyperfunc as hf  # noqa: E402
 
@@ -237,6 +239,30 @@ def first_call(name: str, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def peak_memory(name: str, route: str, steps: int) -> int:
+    """Peak RSS growth (bytes) of one call of ``route`` (eager or hf.compile) after a warm-up call."""
+    _, hg, args = make(name, steps)
+    vmapped = hf.vmap(hg, in_dims=IN_DIMS)
+    fn = vmapped if route == "eager" else hf.compile(vmapped, segment=SEGMENT)
+    fn(*args)
+    return rss_peak_growth(lambda: fn(*args))
+
+
+def memory_table(names, steps: int, threads: int) -> list[dict]:
+    """Peak memory of the eager and the hf.compile route per transform, each in a fresh process."""
+    rows = []
+    for name in names:
+        row = {"transform": name}
+        for route in ("eager", "hf.compile"):
+            cmd = [sys.executable, __file__, "--memory-of", name, route, "--steps", str(steps)]
+            cmd += ["--threads", str(threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            row[f"{route} (MiB)"] = f"{json.loads(out) / 2**20:.1f}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def compile_times(names, steps: int, threads: int) -> dict:
     """``name -> (cold, warm)`` first-call seconds, each in a fresh process (cold: empty inductor cache)."""
     out = {}
@@ -319,13 +345,23 @@ def main():
     parser.add_argument("--only", nargs="*", help="hyperfunc transforms to run (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="skip TorchOpt, higher and the torch.func peer")
     parser.add_argument("--no-compile-times", action="store_true", help="skip the fresh-process compile times")
+    parser.add_argument("--memory", action="store_true", help="only the peak-memory table, at the largest T")
     parser.add_argument("--first-call", help=argparse.SUPPRESS)  # internal: one fresh-process measurement
+    parser.add_argument("--memory-of", nargs=2, help=argparse.SUPPRESS)  # internal: likewise
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_call:
         print(json.dumps(first_call(args.first_call, args.steps[0])))
         return
+    if args.memory_of:
+        print(json.dumps(peak_memory(*args.memory_of, args.steps[0])))
+        return
     names = args.only or list(transforms())
+    if args.memory:
+        rows = memory_table(names, max(args.steps), args.threads)
+        print(f"\n## Peak memory of one call at T = {max(args.steps)} (RSS growth, fresh process per route)\n")
+        print(markdown(rows, ["transform", "eager (MiB)", "hf.compile (MiB)"]))
+        return
     cache = tempfile.mkdtemp(prefix="hyperfunc-bench-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # this process compiles into its own cache
     times = {} if args.no_compile_times else compile_times(names, max(args.steps), args.threads)

@@ -68,8 +68,12 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     recompiles. ``hf.compile(hg, segment=k)`` compiles the kernels for one task.
 
     Forward mode adds the segment's tangent map :math:`Z_{a+k} = \partial s_{a+k}/\partial(s_a, \lambda, D)
-    \cdot (Z_a, E, Z_D)`; the pieces that differentiate the step or the outer loss themselves
-    (``implicit``'s solve at :math:`w_T`, ``distill``'s distilled VJP) are one kernel each.
+    \cdot (Z_a, E, Z_D)`; a transform's per-step recursion (DrMAD's backward travel, the greedy
+    accumulation, HPO-SGLD, HyperDistill's state average) runs k steps per kernel; the pieces that
+    differentiate the step or the outer loss themselves (``implicit``'s solve at :math:`w_T`,
+    ``distill``'s distilled VJP) are one kernel each. The segment length trades compile time
+    (about linear in k) for per-call overhead: k = 10-50 suits most transforms, k = 2 ``langevin``
+    (its counter-based noise makes each step's code large).
 
     The result equals the eager transform (float64 to 1e-10). Cost: each segment's VJP recomputes its
     forward (one extra forward pass, as ``checkpoint_every=k``); memory O((T/k + k)·|s|). Supported:

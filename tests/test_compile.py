@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from problems import sinusoid_args, tree_close
+from test_modules import conv_bn, data, learned_init, problem
 
 import hyperfunc as hf
 
@@ -64,6 +65,30 @@ def test_fullgraph_compile_equals_eager_without_recompiling(name):
         tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+
+
+@pytest.mark.parametrize("transform", [hf.unroll, hf.forward, hf.drmad])
+def test_fullgraph_compile_with_buffers_and_learned_init(transform):
+    """A conv net with BatchNorm buffers and a learned w_0 (the MAML setting), one task, one graph."""
+    net = conv_bn()
+    loop, outer, hparams, buffers = problem(net, steps=2)
+    batches, val = data(steps=2)
+    hg = transform(loop, outer)
+    counter = torch._dynamo.testing.CompileCounter()
+    res = torch.compile(hg, backend=counter, fullgraph=True)(hparams, learned_init, batches, val, buffers)
+    ref = hg(hparams, learned_init, batches, val, buffers)
+    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+    tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=0)
+    assert counter.frame_count == 1
+
+
+def test_fullgraph_compile_float32_through_aot_autograd():
+    """float32 through AOTAutograd's decompositions (what inductor receives): equal to eager to 1e-5."""
+    problem32 = hf.tasks.anil_sinusoid(steps=T, hidden=8)
+    hg = torch.func.vmap(hf.unroll(problem32.loop, problem32.outer_loss), in_dims=(None, None, 0, 0))
+    args = sinusoid_args(problem32, 0, torch.float32)
+    res = torch.compile(hg, backend="aot_eager", fullgraph=True)(*args)
+    tree_close(res.grads, hg(*args).grads, rtol=1e-5, atol=1e-6)
 
 
 ONLINE = {

@@ -1,16 +1,17 @@
 r"""Compiled segment kernels: the protocol's primitives as vmapped, ``torch.compile``'d functions.
 
 ``hf.compile(hg, segment=k)`` attaches a :class:`Segments` to a transform. Its :class:`Bound` then
-runs :meth:`~Bound.run`, :meth:`~Bound.run_vjp`, :meth:`~Bound.run_jvp`, :meth:`~Bound.outer_vjp`
-and :meth:`~Bound.piece` through *kernels*: pure functions of flat tuples of tensors, one per kind
-of piece (the k-step segment map, its VJP, its tangent map, the outer loss and its gradient, a
-transform's own piece) and per segment length, compiled once and reused for every segment and
-every call. The step index enters a kernel as a tensor, so no segment recompiles.
+runs :meth:`~Bound.run`, :meth:`~Bound.run_vjp`, :meth:`~Bound.run_jvp`, :meth:`~Bound.outer_vjp`,
+:meth:`~Bound.scan` and :meth:`~Bound.piece` through *kernels*: pure functions of flat tuples of
+tensors, one per kind of piece (the k-step segment map, its VJP, its tangent map, a transform's
+k-step recursion, the outer loss and its gradient, a transform's own piece) and per segment
+length, compiled once and reused for every segment and every call. The step index enters a
+kernel as a tensor, so no segment recompiles.
 
-A kernel is a ``torch.autograd.Function`` with a ``vmap`` rule: under ``torch.func.vmap`` (what
-``hf.vmap`` runs) the rule receives the batched tensors and calls the kernel vmapped over the
-task dimension and compiled, so the batching is inside the compiled code; outside vmap the
-forward calls the kernel compiled for one task. The algorithm's own arithmetic between kernels
+Under ``torch.func.vmap`` (what ``hf.vmap`` runs) a kernel call unwraps the vmap level and calls
+the kernel vmapped over the task dimension and compiled, so the batching is inside the compiled
+code; inside a second transform it goes through a ``torch.autograd.Function``'s ``vmap`` rule, and
+outside vmap it calls the kernel compiled for one task. The algorithm's own arithmetic between kernels
 (cotangent sums, interpolations) stays eager. Kernels have no derivative: a transform that
 differentiates through ``run`` with ``torch.func`` itself must put that work in a
 :meth:`~Bound.piece`, or it is not declared ``segmented`` and ``hf.compile`` refuses it.
