@@ -62,9 +62,10 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     ``hf.compile(hf.vmap(hg, in_dims), segment=k)`` returns ``hf.vmap(hg', in_dims)`` where ``hg'`` runs
     ``hg``'s algorithm over compiled kernels (``torch.compile(torch.func.vmap(kernel), **options)``):
     the k-step segment map :math:`s_{a+k} = \Phi_{a+k} \circ \cdots \circ \Phi_{a+1}(s_a)`, its VJP
-    :math:`\bar s_{a+k} \mapsto (\bar s_a, \bar\lambda, \bar D)` and :math:`(L_{out}, \alpha, \partial_\lambda
-    L_{out})`. Each kernel compiles once (per segment length: a T that is not a multiple of k adds one)
-    and is reused for every segment and call; the step index is a tensor input, so no segment
+    :math:`\bar s_{a+k} \mapsto (\bar s_a, \bar\lambda, \bar D)`, :math:`(L_{out}, \alpha, \partial_\lambda
+    L_{out})` and, from the second call on (the first learns its output's layout), ``prepare`` and
+    its VJP. Each kernel compiles once (per segment length: a T that is not a multiple of k adds
+    one) and is reused for every segment and call; the step index is a tensor input, so no segment
     recompiles. ``hf.compile(hg, segment=k)`` compiles the kernels for one task.
 
     Forward mode adds the segment's tangent map :math:`Z_{a+k} = \partial s_{a+k}/\partial(s_a, \lambda, D)

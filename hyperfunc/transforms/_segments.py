@@ -46,6 +46,8 @@ class Segments:
     size: int
     options: dict
     kernels: dict = field(default_factory=dict, compare=False, repr=False)
+    #: the layout of ``prepare``'s output per input structure, learned by the first (eager) call
+    prepared: dict = field(default_factory=dict, compare=False, repr=False)
 
     def kernel(self, key: tuple, fn: Kernel, per_task: range) -> Callable:
         """The compiled kernel for ``key`` (built from ``fn`` on first use). The inputs at positions
@@ -276,6 +278,32 @@ def segment_jvp(loop: Any, st: Structure, layout: Layout, n: int) -> Kernel:
 
         s, Z, b = push_forward(fn, (s, h, d), (Z, E, Zd))
         return tuple(s) + tuple(b) + tuple(Z)
+
+    return kernel
+
+
+def prepare(loop: Any, hkeys: Keys, raw: Layout) -> Kernel:
+    """``(h, batch leaves) -> (d, others)``: ``prepare``'s output as flat leaves (its floats ``d`` first)."""
+
+    def kernel(*flat):
+        h, leaves = split(flat, len(hkeys))
+        _, d, others = Layout.of(loop._prepared(build(hkeys, h), raw.rebuild((), leaves)), True)
+        return (*d, *others)
+
+    return kernel
+
+
+def prepare_vjp(loop: Any, hkeys: Keys, raw: Layout, n_leaves: int) -> Kernel:
+    """``(h, batch leaves, ct_d) -> ct_h``: the pullback of the prepared floats (the forward recomputed)."""
+
+    def kernel(*flat):
+        h, leaves, ct_d = split(flat, len(hkeys), n_leaves)
+        batches = raw.rebuild((), leaves)
+
+        def fn(h):
+            return Layout.of(loop._prepared(build(hkeys, h), batches), True)[1]
+
+        return tuple(torch.func.vjp(fn, h)[1](ct_d)[0])
 
     return kernel
 

@@ -465,13 +465,33 @@ class Bound:
         """``prepare`` evaluated once, with its VJP kept (identity when the loop has no ``prepare``).
         Cached in a plain dict: ``functools.cached_property`` takes a lock that ``torch.compile`` cannot trace."""
         if "prep" not in self._cache:
+            raw = None if self.segments is None else Layout.of(self.batches, False)[0]
             if self.loop.prepare is None:
                 self._cache["prep"] = Prepared((), lambda d: self.batches, None)
+            elif raw is not None and (raw.key(), self.hkeys) in self.segments.prepared:
+                self._cache["prep"] = self.segments_prep(raw, self.segments.prepared[raw.key(), self.hkeys])
             else:
                 fn, rebuild_with = self.prepare_fn()
                 d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
                 self._cache["prep"] = Prepared(d, rebuild_with(others), vjp_fn)
+                if raw is not None:  # hf.compile: the next calls run prepare by kernels, in this layout
+                    self.segments.prepared[raw.key(), self.hkeys] = Layout.of(rebuild_with(others)(d), True)[0]
         return self._cache["prep"]
+
+    def segments_prep(self, raw: Layout, layout: Layout) -> Prepared:
+        """``prepare`` and its pullback by two compiled kernels (``layout``: its output's, from the first call)."""
+        leaves = Layout.of(self.batches, False)[2]
+        kernel = _segments.prepare(self.loop, self.hkeys, raw)
+        forward = self.segments.kernel(("prepare", raw.key(), self.hkeys), kernel, ())
+        out = forward(*self.h, *leaves)
+        n_d = sum(1 for f in layout.diff if f)
+        d, others = out[:n_d], out[n_d:]
+        pull = self.segments.kernel(
+            ("prepare_vjp", raw.key(), self.hkeys),
+            _segments.prepare_vjp(self.loop, self.hkeys, raw, len(leaves)),
+            range(len(self.h) + len(leaves), len(self.h) + len(leaves) + n_d),
+        )
+        return Prepared(d, lambda d: layout.rebuild(d, others), lambda ct_d: (pull(*self.h, *leaves, *ct_d),))
 
     def prepare_fn(self) -> tuple[Callable, Callable]:
         """``fn(h) -> (d, others)``: the floating leaves of prepare's output and its other tensors
