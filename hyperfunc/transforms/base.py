@@ -249,10 +249,7 @@ class Bound:
         """One step (index ``t``: an int, or a tensor inside a :meth:`scan` kernel) and its VJP, as
         :meth:`run_vjp`; always eager (under ``hf.compile`` it runs inside a scan's kernel)."""
 
-        def fn(s, h, d):
-            return self.loop._step(self.pkeys, s, b, self.hparams(h), self.loop._batch_at(self.prep.rebuild(d), t), t)
-
-        return self._vjp(fn, s)
+        return self._vjp(lambda s, h, d: self.step_on(s, b, h, self.loop._batch_at(self.prep.rebuild(d), t), t), s)
 
     def _vjp(self, fn: Callable, s: Leaves):
         s_new, vjp_fn, b_new = torch.func.vjp(fn, s, self.h, self.prep.d, has_aux=True)
@@ -353,8 +350,8 @@ class Bound:
     def segments_vjp(self, s: Leaves, b: Any, start: int, stop: int):
         """:meth:`run_vjp` by segment kernels: the forward keeps each segment's first state, the pullback
         runs each segment's VJP kernel (its forward recomputed) from the last segment to the first."""
-        prep, st = self.prep, self.structure()
-        layout, d, others = Layout.of(prep.rebuild(prep.d), self.loop.prepare is not None)
+        st = self.structure()
+        layout, d, others = self.prepared_layout()
         chunks, states = self.chunks(start, stop), [(s, b)]
         for a, n in chunks:
             states.append(self.segment(layout, a, n, *states[-1], self.h, d, others))
@@ -418,15 +415,31 @@ class Bound:
         unbatched; ``shared`` (indices, a step) are taken as they come."""
         if self.segments is None:
             return tuple(fn(self, b, *per_task, *shared))
-        st, prep = self.structure(), self.prep
-        layout, d, others = Layout.of(prep.rebuild(prep.d), self.loop.prepare is not None)
-        outer_layout, _, outer = Layout.of(self.outer_batch, False)
+        st = self.structure()
+        (layout, d, others), (outer_layout, outer) = self.prepared_layout(), self.outer_layout()
         sizes = (st.n_buffers, *map(len, per_task), *map(len, shared), len(self.h), len(d), len(others))
-        key = ("piece", name, sizes, st, layout.key(), outer_layout.key())
+        key = ("piece", name, sizes, st, self._cache["layout key"], self._cache["outer key"])
         per_task_positions = range(sum(sizes[: 1 + len(per_task)]))
         kernel = self.segments.kernel(key, _piece_kernel(self, fn, st, layout, outer_layout, sizes), per_task_positions)
         flat = (x for group in (buffers_out(st.bkeys, b), *per_task, *shared, self.h, d, others, outer) for x in group)
         return kernel(*flat)
+
+    def prepared_layout(self) -> tuple[Layout, Leaves, Leaves]:
+        """``(layout, d, others)`` of the prepared inner batches for the kernels, built once per call (its
+        key is kept as ``_cache["layout key"]``): pieces and scans ask for it at every segment."""
+        if "layout" not in self._cache:
+            prep = self.prep
+            self._cache["layout"] = Layout.of(prep.rebuild(prep.d), self.loop.prepare is not None)
+            self._cache["layout key"] = self._cache["layout"][0].key()
+        return self._cache["layout"]
+
+    def outer_layout(self) -> tuple[Layout, Leaves]:
+        """``(layout, tensor leaves)`` of the outer batch for the kernels, built once per call (key kept as
+        ``_cache["outer key"]``)."""
+        if "outer" not in self._cache:
+            layout, _, leaves = Layout.of(self.outer_batch, False)
+            self._cache["outer"], self._cache["outer key"] = (layout, leaves), layout.key()
+        return self._cache["outer"]
 
     def assemble_d(self, pieces: list, start: int, stop: int) -> Leaves:
         """The cotangent on ``d`` from the segments' cotangents on their windows (zero outside them)."""
@@ -441,10 +454,12 @@ class Bound:
     def segments_outer_vjp(self, s: Leaves, b: Any, with_h: bool):
         """:meth:`outer_vjp` by its compiled kernel."""
         st = self.structure()
-        layout, _, batch = Layout.of(self.outer_batch, False)
+        layout, batch = self.outer_layout()
         per_task = range(st.n_state + st.n_buffers)
         kernel = self.segments.kernel(
-            ("outer", with_h, st, layout.key()), _segments.outer_vjp(self.outer_loss, st, layout, with_h), per_task
+            ("outer", with_h, st, self._cache["outer key"]),
+            _segments.outer_vjp(self.outer_loss, st, layout, with_h),
+            per_task,
         )
         out = kernel(*s, *buffers_out(st.bkeys, b), *self.h, *batch)
         loss, alpha, ct_h = split(out, 1, st.n_state)
@@ -465,29 +480,32 @@ class Bound:
         """``prepare`` evaluated once, with its VJP kept (identity when the loop has no ``prepare``).
         Cached in a plain dict: ``functools.cached_property`` takes a lock that ``torch.compile`` cannot trace."""
         if "prep" not in self._cache:
-            raw = None if self.segments is None else Layout.of(self.batches, False)[0]
             if self.loop.prepare is None:
                 self._cache["prep"] = Prepared((), lambda d: self.batches, None)
-            elif raw is not None and (raw.key(), self.hkeys) in self.segments.prepared:
-                self._cache["prep"] = self.segments_prep(raw, self.segments.prepared[raw.key(), self.hkeys])
-            else:
-                fn, rebuild_with = self.prepare_fn()
-                d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
-                self._cache["prep"] = Prepared(d, rebuild_with(others), vjp_fn)
-                if raw is not None:  # hf.compile: the next calls run prepare by kernels, in this layout
-                    self.segments.prepared[raw.key(), self.hkeys] = Layout.of(rebuild_with(others)(d), True)[0]
+                return self._cache["prep"]
+            key = None
+            if self.segments is not None:
+                raw, _, leaves = Layout.of(self.batches, False)
+                key = (raw.key(), self.hkeys)
+                if key in self.segments.prepared:  # hf.compile, after the first call
+                    self._cache["prep"] = self.segments_prep(raw, key, leaves, self.segments.prepared[key])
+                    return self._cache["prep"]
+            fn, rebuild_with = self.prepare_fn()
+            d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
+            self._cache["prep"] = Prepared(d, rebuild_with(others), vjp_fn)
+            if key is not None:  # hf.compile: the next calls run prepare by kernels, in this layout
+                self.segments.prepared[key] = Layout.of(rebuild_with(others)(d), True)[0]
         return self._cache["prep"]
 
-    def segments_prep(self, raw: Layout, layout: Layout) -> Prepared:
-        """``prepare`` and its pullback by two compiled kernels (``layout``: its output's, from the first call)."""
-        leaves = Layout.of(self.batches, False)[2]
-        kernel = _segments.prepare(self.loop, self.hkeys, raw)
-        forward = self.segments.kernel(("prepare", raw.key(), self.hkeys), kernel, ())
+    def segments_prep(self, raw: Layout, key: tuple, leaves: Leaves, layout: Layout) -> Prepared:
+        """``prepare`` and its pullback by two compiled kernels, for the batches ``raw`` (flat: ``leaves``;
+        ``key``: raw's key and the hparams keys; ``layout``: prepare's output's, from the first call)."""
+        forward = self.segments.kernel(("prepare", *key), _segments.prepare(self.loop, self.hkeys, raw), ())
         out = forward(*self.h, *leaves)
         n_d = sum(1 for f in layout.diff if f)
         d, others = out[:n_d], out[n_d:]
         pull = self.segments.kernel(
-            ("prepare_vjp", raw.key(), self.hkeys),
+            ("prepare_vjp", *key),
             _segments.prepare_vjp(self.loop, self.hkeys, raw, len(leaves)),
             range(len(self.h) + len(leaves), len(self.h) + len(leaves) + n_d),
         )
@@ -548,6 +566,13 @@ class Bound:
         params = build(self.pkeys, self.params(out.s))
         grads = tuple(g.to(x.dtype) for g, x in zip(grads, self.h))  # the dtypes of hparams, for every transform
         return HyperGrad(build(self.hkeys, grads), out.loss, params, out.b)
+
+
+def step_number(i: Any, like: Leaves) -> Any:
+    """A step index for arithmetic (an interpolation weight): the int itself eagerly, or the index
+    traced in a :meth:`Bound.scan` kernel in the dtype of ``like`` (an int64 tensor would divide in
+    the default dtype)."""
+    return i if isinstance(i, int) else i.to(like[0].dtype)
 
 
 def where_step(cond: Any, x: Leaves) -> Leaves:

@@ -31,14 +31,16 @@ from .base import (
     make_transform,
     refuse_loop,
     step_index,
+    step_number,
 )
 from .greedy import check_gamma
 from .reverse import HyperGradFn, drmad_pass, interpolate
 
 
-def horizon(gamma: float, t: int) -> float:
-    r""":math:`\sum_{i=1}^{t} \gamma^{t-i} = (1-\gamma^t)/(1-\gamma)` (``t`` when :math:`\gamma = 1`)."""
-    return float(t) if gamma == 1.0 else (1.0 - gamma**t) / (1.0 - gamma)
+def horizon(gamma: float, t: Any) -> Any:
+    r""":math:`\sum_{i=1}^{t} \gamma^{t-i} = (1-\gamma^t)/(1-\gamma)` (``t`` when :math:`\gamma = 1`); ``t`` an
+    int, or a floating tensor (a step traced in a scan kernel)."""
+    return t * 1.0 if gamma == 1.0 else (1.0 - gamma**t) / (1.0 - gamma)
 
 
 def keep_count(n: int, p: float) -> int:
@@ -110,12 +112,8 @@ def _forward_step(gamma: float):
     (``t = i + 1``), as a :meth:`Bound.scan` body; :math:`p_1 = 0` makes :math:`s^*_1 = s_0`."""
 
     def body(bound: Bound, b: Any, i: Any, s: Leaves, s_star: Leaves) -> tuple:
-        if isinstance(i, int):
-            p = gamma * horizon(gamma, i) / horizon(gamma, i + 1)
-        else:  # a traced step: Eq. (13)'s weight in tensor arithmetic
-            k = i.to(s[0].dtype)
-            p = (k / (k + 1)) if gamma == 1.0 else gamma * (1 - gamma**k) / (1 - gamma ** (k + 1))
-        s_star = interpolate(s_star, s, 1.0 - p)
+        k = step_number(i, s)
+        s_star = interpolate(s_star, s, 1.0 - gamma * horizon(gamma, k) / horizon(gamma, k + 1))
         s, b = bound.step_on(s, b, bound.h, bound.loop._batch_at(bound.prep.rebuild(bound.prep.d), i), i)
         return b, s, s_star
 
@@ -133,12 +131,10 @@ def distilled_vjp(bound: Bound, dist: Distilled, b: Any, t: int, alpha: Leaves) 
 
 
 def _distilled_vjp(bound: Bound, b: Any, s_star: Leaves, alpha: Leaves, D: tuple, t: tuple) -> Leaves:
-    (t,), prep = t, bound.prep
+    (t,), prep, dist = t, bound.prep, Distilled(s_star, D or None)
 
     def phi(h: Leaves, d: Leaves) -> Leaves:
-        batches = prep.rebuild(d)
-        batch = tree_index(batches, D) if D else bound.loop._batch_at(batches, t)
-        return bound.step_on(s_star, b, h, batch, t)[0]
+        return bound.step_on(s_star, b, h, dist.batch(bound, prep.rebuild(d), t), t)[0]
 
     ct_h, ct_d = torch.func.vjp(phi, bound.h, prep.d)[1](alpha)
     return (*ct_h, *ct_d)

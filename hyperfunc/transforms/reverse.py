@@ -24,6 +24,7 @@ from .base import (
     refuse_loop,
     rng_state,
     set_rng_state,
+    step_number,
 )
 
 #: ``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``
@@ -102,7 +103,7 @@ def _drmad_step(steps: int):
 
     def body(bound, b, i, ct_s: Leaves, sec_h: Leaves, sec_d: Leaves, s0: Leaves, sT: Leaves) -> tuple:
         t = steps - i
-        c = (t - 1) / steps if isinstance(t, int) else (t - 1).to(s0[0].dtype) / steps
+        c = step_number(t - 1, s0) / steps
         ct_s, ct = bound.step_vjp(interpolate(s0, sT, c), b, t - 1)[1](ct_s)
         return b, ct_s, *HyperCotangent(sec_h, sec_d).plus(ct)
 
