@@ -124,6 +124,36 @@ def test_sgld_noise_is_deterministic_and_gaussian():
     assert not torch.equal(other["params", "w"], a["params", "w"])
 
 
+def test_noise_keys_on_device_equal_host_keys_under_nested_vmap_and_compile():
+    # traced steps and per-task seeds hash through the hyperfunc::counter_bits operator; it must draw the
+    # very numbers the host-side hash of Python ints draws, batched at any vmap depth and compiled
+    from hyperfunc.optim._noise import _hash, bits, normal
+
+    # int64 tensors hash like Python ints (the multiplications wrap around in two's complement)
+    x = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0))
+    x = torch.cat([x, torch.tensor([2**32 - 1])])
+    assert torch.equal(_hash(x), torch.tensor([_hash(v) for v in x.tolist()]))
+
+    def draw(seed, step):
+        return bits((5,), seed, step, 3, "cpu")
+
+    seeds, steps = torch.tensor([[1, 2**40 + 2], [3, 4], [5, 6]]), torch.tensor([7, 8, 9])
+    out = torch.func.vmap(torch.func.vmap(draw, in_dims=(0, None)))(seeds, steps)
+    ref = [[draw(int(seeds[i, j]), int(steps[i])) for j in range(2)] for i in range(3)]
+    assert torch.equal(out, torch.stack([torch.stack(r) for r in ref]))
+    out = torch.func.vmap(torch.func.vmap(draw, in_dims=(None, 0)), in_dims=(0, None))(seeds[:, 0], steps)
+    ref = [[draw(int(seeds[i, 0]), int(steps[j])) for j in range(3)] for i in range(3)]
+    assert torch.equal(out, torch.stack([torch.stack(r) for r in ref]))
+
+    def noisy(w, t):
+        return w + normal(w.shape, 11, t, 0, w.dtype, w.device)
+
+    w = torch.zeros(2, 3, dtype=DT)
+    torch._dynamo.reset()  # earlier tests' frames must not exhaust the recompile limit of vmap's wrapper
+    compiled = torch.compile(torch.func.vmap(noisy, in_dims=(None, 0)), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(w, torch.tensor([4, 5])), torch.stack([noisy(w, 4), noisy(w, 5)]))
+
+
 def test_sgld_zero_temperature_is_gradient_descent():
     opt = hf.optim.sgld(lr=0.1, temperature=0.0)
     out = opt.update(opt.init(td(w=torch.ones(3, dtype=DT))), td(w=torch.ones(3, dtype=DT)))
