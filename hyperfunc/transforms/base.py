@@ -483,19 +483,25 @@ class Bound:
             if self.loop.prepare is None:
                 self._cache["prep"] = Prepared((), lambda d: self.batches, None)
                 return self._cache["prep"]
-            key = None
-            if self.segments is not None:
-                raw, _, leaves = Layout.of(self.batches, False)
-                key = (raw.key(), self.hkeys)
-                if key in self.segments.prepared:  # hf.compile, after the first call
-                    self._cache["prep"] = self.segments_prep(raw, key, leaves, self.segments.prepared[key])
-                    return self._cache["prep"]
             fn, rebuild_with = self.prepare_fn()
-            d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
-            self._cache["prep"] = Prepared(d, rebuild_with(others), vjp_fn)
-            if key is not None:  # hf.compile: the next calls run prepare by kernels, in this layout
+            if self.segments is None:
+                d, vjp_fn, others = torch.func.vjp(fn, self.h, has_aux=True)
+                self._cache["prep"] = Prepared(d, rebuild_with(others), vjp_fn)
+                return self._cache["prep"]
+            raw, _, leaves = Layout.of(self.batches, False)
+            key = (raw.key(), self.hkeys)
+            if key not in self.segments.prepared:  # hf.compile's first call: one eager run learns the output's layout
+                d, others = fn(self.h)
                 self.segments.prepared[key] = Layout.of(rebuild_with(others)(d), True)[0]
+            self._cache["prep"] = self.segments_prep(raw, key, leaves, self.segments.prepared[key])
         return self._cache["prep"]
+
+    def prepared_by(self, d: Leaves, rebuild: Callable[[Leaves], Any]) -> None:
+        """Take ``d`` (with ``rebuild(d) -> batches``) as the prepared inner batches, evaluated by the
+        caller: forward mode pushes ``prepare`` forward itself, and later pieces (the layout of the
+        kernels, the zero cotangent on ``d``) reuse its result instead of evaluating ``prepare`` again.
+        No VJP is kept."""
+        self._cache["prep"] = Prepared(d, rebuild, None)
 
     def segments_prep(self, raw: Layout, key: tuple, leaves: Leaves, layout: Layout) -> Prepared:
         """``prepare`` and its pullback by two compiled kernels, for the batches ``raw`` (flat: ``leaves``;

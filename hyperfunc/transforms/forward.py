@@ -60,6 +60,7 @@ class Tangents(NamedTuple):
             return cls(bound, E, (), (), lambda d: bound.batches)
         fn, rebuild_with = bound.prepare_fn()
         d, Zd, others = _first(vmap(lambda e: jvp(fn, (h,), (e,), has_aux=True))(E), 0, 2)
+        bound.prepared_by(d, rebuild_with(others))
         return cls(bound, E, d, Zd, rebuild_with(others))
 
     def init(self, s: Leaves, b: Any, t: int = 0) -> ForwardState:
