@@ -240,8 +240,7 @@ def first_call(name: str, steps: int) -> float:
 
 
 def peak_memory(name: str, route: str, steps: int) -> int:
-    """Peak RSS growth (bytes) of one call of ``route`` (eager or hf.compile) after two warm-up calls
-    (hf.compile's second call compiles ``prepare``'s kernels, whose layout the first call learns)."""
+    """Peak RSS growth (bytes) of one call of ``route`` (eager or hf.compile) after two warm-up calls."""
     _, hg, args = make(name, steps)
     vmapped = hf.vmap(hg, in_dims=IN_DIMS)
     fn = vmapped if route == "eager" else hf.compile(vmapped, segment=SEGMENT)

@@ -63,8 +63,8 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     ``hg``'s algorithm over compiled kernels (``torch.compile(torch.func.vmap(kernel), **options)``):
     the k-step segment map :math:`s_{a+k} = \Phi_{a+k} \circ \cdots \circ \Phi_{a+1}(s_a)`, its VJP
     :math:`\bar s_{a+k} \mapsto (\bar s_a, \bar\lambda, \bar D)`, :math:`(L_{out}, \alpha, \partial_\lambda
-    L_{out})` and, from the second call on (the first learns its output's layout), ``prepare`` and
-    its VJP. Each kernel compiles once (per segment length: a T that is not a multiple of k adds
+    L_{out})`, ``prepare`` and its VJP (the first call runs ``prepare`` once eagerly to learn its
+    output's layout). Each kernel compiles once (per segment length: a T that is not a multiple of k adds
     one) and is reused for every segment and call; the step index is a tensor input, so no segment
     recompiles. ``hf.compile(hg, segment=k)`` compiles the kernels for one task.
 

@@ -127,12 +127,16 @@ def test_sgld_noise_is_deterministic_and_gaussian():
 def test_noise_keys_on_device_equal_host_keys_under_nested_vmap_and_compile():
     # traced steps and per-task seeds hash through the hyperfunc::counter_bits operator; it must draw the
     # very numbers the host-side hash of Python ints draws, batched at any vmap depth and compiled
-    from hyperfunc.optim._noise import _hash, bits, normal
+    from hyperfunc.optim._noise import _draw_numpy, _draw_torch, _hash, _key, bits, normal
 
     # int64 tensors hash like Python ints (the multiplications wrap around in two's complement)
     x = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0))
     x = torch.cat([x, torch.tensor([2**32 - 1])])
     assert torch.equal(_hash(x), torch.tensor([_hash(v) for v in x.tolist()]))
+    # the accelerator's path (torch ops on the device, one key or a tensor of keys) draws the CPU's (numpy) bits
+    keys = _key(torch.tensor([[3], [2**40 + 1]]), torch.tensor([5, 6]), 2)
+    assert torch.equal(_draw_torch(keys, (2, 3), "cpu"), _draw_numpy(keys, (2, 3)))
+    assert torch.equal(_draw_torch(_key(3, 5, 2), (4,), "cpu"), _draw_numpy(_key(3, 5, 2), (4,)))
 
     def draw(seed, step):
         return bits((5,), seed, step, 3, "cpu")

@@ -2,8 +2,9 @@
 
 SGLD needs noise that is reproducible when a segment of the trajectory is recomputed (checkpointing,
 truncated reverse passes), identical under ``vmap`` and a Python loop, and free of global RNG
-state. A stateless hash of integer counters gives all three; it runs as a few integer tensor ops
-on any device.
+state. A stateless hash of integer counters gives all three. It runs as a few integer ops: numpy's
+on the CPU, torch's on other devices, and under ``torch.compile`` inside one opaque operator
+(``hyperfunc::counter_bits``), so that inductor does not inline it (see there).
 """
 
 from __future__ import annotations
@@ -42,14 +43,22 @@ def _key(seed: Any, step: Any, stream: int) -> Any:
 def _draw(key: Any, shape: Any, device: Any) -> torch.Tensor:
     """``shape`` hashed element indices under ``key``: an int, or int64 keys (a tensor on ``device``, or
     an array on the CPU) of any shape, each giving one draw: ``key.shape + shape`` integers."""
-    numel = math.prod(shape)
     if torch.device(device).type == "cpu":  # numpy's int64 ops (which wrap around too) cost µs, torch's tens of µs
-        key = np.asarray(key, dtype=np.int64)
-        out = _hash(_hash(np.arange(numel, dtype=np.int64)) ^ key.reshape(-1, 1))
-        return torch.from_numpy(out.reshape((*key.shape, *shape)))
-    index = torch.arange(numel, dtype=torch.int64, device=device)
-    key = torch.as_tensor(key, dtype=torch.int64, device=device)
-    return _hash(_hash(index) ^ key.reshape(-1, 1)).reshape((*key.shape, *shape))
+        return _draw_numpy(key, shape)
+    return _draw_torch(key, shape, device)
+
+
+def _draw_numpy(key: Any, shape: Any) -> torch.Tensor:
+    key = np.asarray(key, dtype=np.int64)
+    out = _hash(_hash(np.arange(math.prod(shape), dtype=np.int64)) ^ key.reshape(-1, 1))
+    return torch.from_numpy(out.reshape((*key.shape, *shape)))
+
+
+def _draw_torch(key: Any, shape: Any, device: Any) -> torch.Tensor:
+    index = _hash(torch.arange(math.prod(shape), dtype=torch.int64, device=device))
+    if not torch.is_tensor(key):  # a Python int enters as a scalar: no host-to-device copy
+        return _hash(index ^ key).reshape(shape)
+    return _hash(index ^ key.reshape(-1, 1)).reshape((*key.shape, *shape))
 
 
 @torch.library.custom_op("hyperfunc::counter_bits", mutates_args=())

@@ -46,7 +46,7 @@ class Segments:
     size: int
     options: dict
     kernels: dict = field(default_factory=dict, compare=False, repr=False)
-    #: the layout of ``prepare``'s output per input structure, learned by the first (eager) call
+    #: the layout of ``prepare``'s output per input structure, learned by one eager run in the first call
     prepared: dict = field(default_factory=dict, compare=False, repr=False)
 
     def kernel(self, key: tuple, fn: Kernel, per_task: range) -> Callable:
