@@ -66,15 +66,16 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     L_{out})`, ``prepare`` and its VJP (the first call runs ``prepare`` once eagerly to learn its
     output's layout). Each kernel compiles once (per segment length: a T that is not a multiple of k adds
     one) and is reused for every segment and call; the step index is a tensor input, so no segment
-    recompiles. ``hf.compile(hg, segment=k)`` compiles the kernels for one task.
+    recompiles, and counts such as T (DrMAD) or B and M (``langevin``) are tensor inputs too, so
+    another horizon traces the same graphs and hits inductor's cache. ``hf.compile(hg, segment=k)``
+    compiles the kernels for one task.
 
     Forward mode adds the segment's tangent map :math:`Z_{a+k} = \partial s_{a+k}/\partial(s_a, \lambda, D)
     \cdot (Z_a, E, Z_D)`; a transform's per-step recursion (DrMAD's backward travel, the greedy
     accumulation, HPO-SGLD, HyperDistill's state average) runs k steps per kernel; the pieces that
     differentiate the step or the outer loss themselves (``implicit``'s solve at :math:`w_T`,
     ``distill``'s distilled VJP) are one kernel each. The segment length trades compile time
-    (about linear in k) for per-call overhead: k = 10-50 suits most transforms, k = 2 ``langevin``
-    (its counter-based noise makes each step's code large).
+    (about linear in k) for per-call overhead: k = 10-50 suits every transform.
 
     The result equals the eager transform (float64 to 1e-10). Cost: each segment's VJP recomputes its
     forward (one extra forward pass, as ``checkpoint_every=k``); memory O((T/k + k)·|s|). Supported:

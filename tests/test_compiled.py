@@ -79,6 +79,36 @@ def test_compile_time_is_flat_in_T():
     assert frames[0] == frames[1], frames
 
 
+HORIZONS = {  # two horizons with the same segment lengths for K = 3 (7 = 3 + 3 + 1, 10 = 3 + 3 + 3 + 1)
+    "unroll": (lambda steps: hf.unroll, 0.9),
+    "drmad": (lambda steps: hf.drmad, 0.9),
+    "langevin": (lambda steps: hf.langevin(steps // 2, steps - steps // 2, 1e-3, seed=0), 0.0),
+    "distill": (lambda steps: hf.distill(0.9, theta=1.0), 0.9),
+    "greedy": (lambda steps: hf.greedy_accumulate(0.9), 0.9),
+    "forward": (lambda steps: hf.forward, 0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(HORIZONS))
+def test_kernels_do_not_depend_on_the_horizon(name):
+    """Counts such as T (DrMAD's interpolation) or B and M (HPO-SGLD) enter the kernels as tensors: two
+    horizons trace the same graphs, so another T hits the compile cache instead of compiling afresh."""
+    make, momentum = HORIZONS[name]
+    codes = []
+    for steps in (7, 10):
+        prob = _anil(steps, momentum=momentum)
+        graphs = []
+
+        def backend(gm, inputs, graphs=graphs):
+            graphs.append(gm.code)
+            return gm.forward
+
+        hg = make(steps)(prob.loop, prob.outer_loss)
+        hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend=backend)(*sinusoid_args(prob, 0))
+        codes.append(sorted(graphs))
+    assert len(codes[0]) >= 3 and codes[0] == codes[1]
+
+
 def test_vmap_equals_torch_func_vmap():
     prob = _anil(T)
     hg = hf.truncate(2)(prob.loop, prob.outer_loss)

@@ -265,11 +265,14 @@ class Bound:
         (``carry``, ``shared``: tuples of leaf tuples): a transform's per-step recursion (DrMAD's backward
         travel, greedy accumulation, HPO-SGLD). Eager: a Python loop, ``i`` an int. Under ``hf.compile``:
         one :meth:`piece` per segment of k iterations, ``i`` a tensor, so ``body`` must not branch on ``i``
-        in Python, and must close over static values only (``name`` must name every static choice)."""
+        in Python, and must close over static values only (``name`` must name every static choice).
+        A ``shared`` leaf may be a Python int (a count such as T): an int eagerly, an int64 tensor in a
+        kernel, so that one kernel serves every value."""
         if self.segments is None:
             for i in range(start, stop):
                 b, *carry = body(self, b, i, *carry, *shared)
             return b, tuple(carry)
+        shared = tuple(tuple(step_index(self.h, x) if isinstance(x, int) else x for x in group) for group in shared)
         st, sizes = self.structure(), tuple(map(len, carry))
         for a, n in self.chunks(start, stop):
 

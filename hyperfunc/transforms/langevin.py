@@ -21,6 +21,7 @@ from .base import (
     check_transform_args,
     make_transform,
     refuse_loop,
+    step_number,
     where_step,
 )
 from .greedy import accumulating
@@ -59,18 +60,20 @@ def langevin_pass(bound: Bound, B: int, M: int) -> Outcome:
     # g_m = G·(dλ, dd/dλ) + G_0·(dθ_0/dλ); H, H_0 are their averages over the last M samples
     G_0 = bound.outer_vjp(s, bound.buffers, with_h=False)[1] if with_init else zeros_like(s)
     carry = (s, *bound.zero_cotangent(), G_0, *bound.zero_cotangent(), zeros_like(s))
-    b, (s, _, _, _, H_h, H_d, H_0) = bound.scan(
-        f"langevin/{B}/{M}/{with_init}", _langevin_step(B, M, with_init), bound.buffers, carry, 0, B + M
+    b, (s, _, _, _, H_h, H_d, H_0) = bound.scan(  # B and M as shared counts: one kernel serves every (B, M)
+        f"langevin/{with_init}", _langevin_step(with_init), bound.buffers, carry, 0, B + M, ((B, M),)
     )
     loss = bound.outer_vjp(s, b, with_h=False)[0]
     H = HyperCotangent(H_h, H_d)
     return Outcome(H, loss, s, b, H_0)
 
 
-def _langevin_step(B: int, M: int, with_init: bool):
-    """Sample ``m = i + 1`` of Eqs. (22)-(25) as a :meth:`Bound.scan` body."""
+def _langevin_step(with_init: bool):
+    """Sample ``m = i + 1`` of Eqs. (22)-(25) as a :meth:`Bound.scan` body (shared: the counts ``B, M``)."""
 
-    def body(bound, b, i, s, G_h, G_d, G_0, H_h, H_d, H_0) -> tuple:
+    def body(bound, b, i, s, G_h, G_d, G_0, H_h, H_d, H_0, counts) -> tuple:
+        B, M = counts
+        inv_M = 1.0 / step_number(M, s)
         (s_new, b_new), pull = bound.step_vjp(s, b, i)
         _, alpha, direct = bound.outer_vjp(s_new, b_new)
         ct_s, ct = pull(alpha)
@@ -81,9 +84,9 @@ def _langevin_step(B: int, M: int, with_init: bool):
             hvp = torch.func.vjp(lambda x: bound.outer_vjp(x, b, with_h=False)[1], s)[1](axpy(-1.0, s, s_new))[0]
             G_0 = add(G_0, add(hvp, axpy(-1.0, alpha, ct_s)))
         averaged = i + 1 > B  # sample m = i + 1 is one of the last M
-        g = direct.plus(G).times(1.0 / M)
+        g = direct.plus(G).times(inv_M)
         H_h, H_d = add(H_h, where_step(averaged, g.h)), add(H_d, where_step(averaged, g.d))
-        return b_new, s_new, *G, G_0, H_h, H_d, add(H_0, where_step(averaged, scale(1.0 / M, G_0)))
+        return b_new, s_new, *G, G_0, H_h, H_d, add(H_0, where_step(averaged, scale(inv_M, G_0)))
 
     return body
 

@@ -86,28 +86,25 @@ def drmad_pass(bound, s0: Leaves, sT: Leaves, bT, on_step=None):
     steps = bound.loop.steps
     loss, alpha_T, direct = bound.outer_vjp(sT, bT)
     carry, ends = (alpha_T, *bound.zero_cotangent()), (s0, sT)
-    body = _drmad_step(steps)
+    shared = (*ends, (steps,))  # T as a shared count: one kernel serves every horizon
     if on_step is None:
-        carry = bound.scan(f"drmad/{steps}", body, bT, carry, 0, steps, ends)[1]
+        carry = bound.scan("drmad", _drmad_step, bT, carry, 0, steps, shared)[1]
     else:
         for i in range(steps):  # one scan step at a time, reporting each
-            carry = bound.scan(f"drmad/{steps}", body, bT, carry, i, i + 1, ends)[1]
+            carry = bound.scan("drmad", _drmad_step, bT, carry, i, i + 1, shared)[1]
             t = steps - i
             on_step(t, interpolate(s0, sT, (t - 1) / steps), HyperCotangent(*carry[1:]), alpha_T)
     ct_s, *second = carry
     return loss, direct.plus(HyperCotangent(*second)), ct_s
 
 
-def _drmad_step(steps: int):
-    """DrMAD's backward step ``i`` (step ``t = T - i``) as a :meth:`Bound.scan` body."""
-
-    def body(bound, b, i, ct_s: Leaves, sec_h: Leaves, sec_d: Leaves, s0: Leaves, sT: Leaves) -> tuple:
-        t = steps - i
-        c = step_number(t - 1, s0) / steps
-        ct_s, ct = bound.step_vjp(interpolate(s0, sT, c), b, t - 1)[1](ct_s)
-        return b, ct_s, *HyperCotangent(sec_h, sec_d).plus(ct)
-
-    return body
+def _drmad_step(bound, b, i, ct_s: Leaves, sec_h: Leaves, sec_d: Leaves, s0: Leaves, sT: Leaves, total) -> tuple:
+    """DrMAD's backward step ``i`` (step ``t = T - i``) as a :meth:`Bound.scan` body (shared: ``s_0, s_T, (T,)``)."""
+    (steps,) = total
+    t = steps - i
+    c = step_number(t - 1, s0) / step_number(steps, s0)
+    ct_s, ct = bound.step_vjp(interpolate(s0, sT, c), b, t - 1)[1](ct_s)
+    return b, ct_s, *HyperCotangent(sec_h, sec_d).plus(ct)
 
 
 def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = None) -> HyperGradFn:
