@@ -40,21 +40,22 @@ def _key(seed: Any, step: Any, stream: int) -> Any:
     return _hash(_hash(_hash(_hash(low) ^ high) ^ step) ^ stream)
 
 
-def _draw(key: Any, shape: Any, device: Any) -> torch.Tensor:
-    """``shape`` hashed element indices under ``key``: an int, or int64 keys (a tensor on ``device``, or
-    an array on the CPU) of any shape, each giving one draw: ``key.shape + shape`` integers."""
+def _draw(key: int, shape: Any, device: Any) -> torch.Tensor:
+    """``shape`` hashed element indices under the int ``key``, on ``device``."""
     if torch.device(device).type == "cpu":  # numpy's int64 ops (which wrap around too) cost µs, torch's tens of µs
         return _draw_numpy(key, shape)
     return _draw_torch(key, shape, device)
 
 
 def _draw_numpy(key: Any, shape: Any) -> torch.Tensor:
+    """:func:`_draw` on the CPU for an int or an int64 array of keys: ``key.shape + shape`` integers."""
     key = np.asarray(key, dtype=np.int64)
     out = _hash(_hash(np.arange(math.prod(shape), dtype=np.int64)) ^ key.reshape(-1, 1))
     return torch.from_numpy(out.reshape((*key.shape, *shape)))
 
 
 def _draw_torch(key: Any, shape: Any, device: Any) -> torch.Tensor:
+    """:func:`_draw` by torch ops on ``device`` for an int or an int64 tensor of keys there."""
     index = _hash(torch.arange(math.prod(shape), dtype=torch.int64, device=device))
     if not torch.is_tensor(key):  # a Python int enters as a scalar: no host-to-device copy
         return _hash(index ^ key).reshape(shape)
@@ -71,9 +72,9 @@ def _counter_bits(seed: torch.Tensor, step: torch.Tensor, stream: int, shape: li
     """
     seed, step = torch.broadcast_tensors(seed, step)
     if step.device.type != "cpu":  # hashed on the device: reading the counters would synchronise with the host
-        return _draw(_key(seed, step, stream), shape, step.device)
+        return _draw_torch(_key(seed, step, stream), shape, step.device)
     keys = [_key(a, b, stream) for a, b in zip(seed.flatten().tolist(), step.flatten().tolist())]
-    return _draw(np.array(keys, dtype=np.int64).reshape(step.shape), shape, step.device)
+    return _draw_numpy(np.array(keys, dtype=np.int64).reshape(step.shape), shape)
 
 
 @_counter_bits.register_fake
