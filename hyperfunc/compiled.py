@@ -77,6 +77,11 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     ``distill``'s distilled VJP) are one kernel each. The segment length trades compile time
     (about linear in k) for per-call overhead: k = 10-50 suits every transform.
 
+    Each kernel is traced once per input signature by ``make_fx`` (functionalized, on fake tensors) into
+    aten operations; repeated subexpressions are merged (a k-step kernel evaluates the outer loss k
+    times, and the parts that depend on λ alone, such as an ANIL body's features of the outer batch,
+    are computed once), and ``torch.compile`` compiles that graph.
+
     The result equals the eager transform (float64 to 1e-10). Cost: each segment's VJP recomputes its
     forward (one extra forward pass, as ``checkpoint_every=k``); memory O((T/k + k)·|s|). Supported:
     every built-in transform (``unroll``, ``truncate``, ``one_step``, ``first_order``, ``forward``,

@@ -39,15 +39,19 @@ def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0, weight_decay: Arg = 0.0
     decay = not is_zero(args["weight_decay"])
 
     def rule(params: Leaves, buffers: tuple, grads: Leaves, a: dict, step) -> tuple:
-        new = []
+        new, noisy = [], []
         for i, (w, g) in enumerate(zip(params, grads)):
             lr, tau = at(a["lr"], i), at(a["temperature"], i)
             if decay:
                 g = g + at(a["weight_decay"], i) * w
-            w = w - lr * g
+            new.append(w - lr * g)
             if not is_zero(tau):
-                w = w + safe_sqrt(2 * lr * tau) * normal(w.shape, seed, step, i, w.dtype, w.device)
-            new.append(w)
+                noisy.append((i, safe_sqrt(2 * lr * tau)))
+        if noisy:  # one draw for every leaf (stream i: leaf i)
+            streams = [i for i, _ in noisy]
+            shapes, dtypes = [params[i].shape for i in streams], [params[i].dtype for i in streams]
+            for (i, scale), z in zip(noisy, normal(shapes, seed, step, streams, dtypes, params[0].device)):
+                new[i] = new[i] + scale * z
         return tuple(new), ()
 
     return Optimizer("sgld", (), args, rule, stationary=False, langevin=True, seed=seed)

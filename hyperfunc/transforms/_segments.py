@@ -29,7 +29,9 @@ import torch
 import torch._C._functorch as _functorch
 import torch._functorch.pyfunctorch as _pyfunctorch
 import torch.utils._pytree as pytree
+from torch.fx.experimental.proxy_tensor import make_fx
 
+from .._common_subexpressions import merge_common_subexpressions
 from .._tree import Keys, Leaves, build
 
 _KERNEL_IDS = itertools.count()
@@ -67,8 +69,28 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
+def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
+    """``torch.compile`` of ``fn``'s graph for inputs like ``args``: ``make_fx`` traces ``fn`` on fake
+    tensors of their shapes into aten operations (vmap and the VJPs resolved, each repeated
+    subexpression merged), and dynamo then reads that straight-line graph instead of interpreting
+    hyperfunc's and torch.func's Python step by step (a warm start of greedy_accumulate at T = 1000,
+    k = 10: 11.1 s before, 7.5-9.6 s now, 2 CPU threads). The graph is specialised to the inputs' shapes, dtypes,
+    devices and strides, so the caller keys it by them (:func:`_signature`). Inputs that another
+    transform still wraps (a vmap around ``hf.vmap``) are dynamo's to trace through."""
+    if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
+        return torch.compile(_own_code(fn), **options)
+    graph = make_fx(torch.func.functionalize(fn, remove="mutations_and_views"), tracing_mode="fake")(*args)
+    merge_common_subexpressions(graph.graph)
+    graph.recompile()
+    return torch.compile(graph, **options)
+
+
+def _signature(args: tuple) -> tuple:
+    return tuple((x.shape, x.stride(), x.dtype, x.device) for x in args)
+
+
 def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
-    single: list = []
+    single: dict = {}
     batched: dict = {}
 
     def over_tasks(batch_size: int, in_dims: tuple, args: tuple) -> tuple:
@@ -79,22 +101,24 @@ def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
                 for i, (x, d) in enumerate(zip(args, in_dims))
             )
             in_dims = tuple(0 if i in per_task and d is None else d for i, d in enumerate(in_dims))
-        if in_dims not in batched:  # one compiled kernel per batching pattern (e.g. shared hparams)
+        key = (in_dims, _signature(args))
+        if key not in batched:  # one compiled kernel per batching pattern (e.g. shared hparams) and signature
 
             def over(*args):
                 return torch.func.vmap(fn, in_dims=in_dims)(*args)
 
-            batched[in_dims] = torch.compile(_own_code(over), **options)
+            batched[key] = _compiled(over, args, options)
         # an output that only broadcasts an unbatched input over the tasks comes back with batch
         # stride 0; materialised, the next kernel call sees the strides it was compiled for
-        return tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[in_dims](*args))
+        return tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[key](*args))
 
     class _Kernel(torch.autograd.Function):
         @staticmethod
         def forward(*args):
-            if not single:
-                single.append(torch.compile(_own_code(fn), **options))
-            return single[0](*args)
+            key = _signature(args)
+            if key not in single:
+                single[key] = _compiled(fn, args, options)
+            return single[key](*args)
 
         @staticmethod
         def setup_context(ctx, inputs, output):

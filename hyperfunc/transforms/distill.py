@@ -65,8 +65,8 @@ def merge(old: Any, new: Any, keep: int, seed: int, step: int, stream: int) -> A
     replacement from counter-based random numbers of ``(seed, step, stream)``."""
     n = batch_size(new, "the batch")
     device = tensor_leaves(new)[0].device
-    take_old = torch.argsort(bits((n,), seed, step, 2 * stream, device))[:keep]
-    take_new = torch.argsort(bits((n,), seed, step, 2 * stream + 1, device))[: n - keep]
+    old_bits, new_bits = bits([(n,), (n,)], seed, step, [2 * stream, 2 * stream + 1], device)
+    take_old, take_new = torch.argsort(old_bits)[:keep], torch.argsort(new_bits)[: n - keep]
 
     def pick(a: Any, b: Any) -> Any:
         return torch.cat([a[take_old], b[take_new]]) if torch.is_tensor(b) else b
