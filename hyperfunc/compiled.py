@@ -77,7 +77,7 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     ``distill``'s distilled VJP) are one kernel each. The segment length trades compile time
     (about linear in k) for per-call overhead: k = 10-50 suits every transform.
 
-    Each kernel is traced once per input signature by ``make_fx`` (functionalized, on fake tensors) into
+    Each kernel is traced once per input signature by ``make_fx`` (functionalized) into
     aten operations; repeated subexpressions are merged (a k-step kernel evaluates the outer loss k
     times, and the parts that depend on λ alone, such as an ANIL body's features of the outer batch,
     are computed once), and ``torch.compile`` compiles that graph.

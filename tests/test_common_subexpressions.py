@@ -25,7 +25,7 @@ def test_repeated_features_are_computed_once_and_the_result_is_unchanged():
             w = w - 0.1 * (torch.relu(x @ W) @ w).sum() * w
         return w
 
-    args = (torch.randn(4, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
+    args = tuple(torch.randn(*shape, dtype=torch.float64) for shape in ((4, 4), (5, 4), (4, 1)))
     gm, ref = _merged(steps, *args)
     assert _count(gm, torch.ops.aten.relu.default) == 1
     assert _count(gm, torch.ops.aten.mm.default) == 1 + 3  # x @ W once, then one product with w per step

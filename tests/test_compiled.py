@@ -67,6 +67,23 @@ def test_compiled_segments_equal_eager_without_recompiling(name):
     assert frames[0] <= 9 and frames[2] == frames[1] == frames[0], frames
 
 
+def test_losses_closing_over_tensors_compile_and_follow_their_updates():
+    """The kernels are traced on real inputs: a tensor a loss closes over (a fixed target, a mask) becomes
+    a constant of the graph, held by reference, so an in-place update of it reaches the next call."""
+    prob = _anil(T)
+    weight = torch.tensor(2.0, dtype=DT)
+
+    def outer(p, h, batch):
+        return weight * prob.outer_loss(p, h, batch)
+
+    hg = hf.greedy_accumulate(0.9)(prob.loop, outer)
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend="aot_eager")
+    args = sinusoid_args(prob, 0)
+    for value in (2.0, 3.0):
+        weight.fill_(value)
+        tree_close(fast(*args).grads, torch.func.vmap(hg, in_dims=IN_DIMS)(*args).grads, rtol=1e-10, atol=1e-12)
+
+
 def test_compile_time_is_flat_in_T():
     """The kernels depend on k, not on T: T = 7 and T = 13 compile the same number of frames."""
     frames = []
