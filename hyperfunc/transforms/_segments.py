@@ -70,17 +70,19 @@ def _own_code(fn: Callable) -> Callable:
 
 
 def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
-    """``torch.compile`` of ``fn``'s graph for inputs like ``args``: ``make_fx`` traces ``fn`` on ``args``
-    (once: tensors a loss closes over become constants of the graph) into functional aten operations
-    (vmap and the VJPs resolved, each repeated subexpression merged), and dynamo then reads that
-    straight-line graph instead of interpreting hyperfunc's and torch.func's Python step by step (a
-    warm start of greedy_accumulate at T = 1000, k = 10: 11.1 s before, 9.0 s now, 2 CPU threads).
-    The graph is specialised to the inputs' shapes, dtypes, devices and strides, so the caller keys
-    it by them (:func:`_signature`). Inputs that another transform still wraps (a vmap around
-    ``hf.vmap``) are dynamo's to trace through."""
+    """``torch.compile`` of ``fn``'s graph for inputs like ``args``: ``make_fx`` traces ``fn`` on fake
+    tensors like ``args`` into functional aten operations (vmap and the VJPs resolved, each repeated
+    subexpression merged), and dynamo then reads that straight-line graph instead of interpreting
+    hyperfunc's and torch.func's Python step by step (a warm start of greedy_accumulate at T = 1000,
+    k = 10: 11.1 s before, about 9 s now, 2 CPU threads). Tensors a loss closes over become constants
+    of the graph, held by reference (fake tensors trace langevin's kernels in 2.2-2.4 s, the real
+    inputs in 3.4-3.8 s). The graph is specialised to the inputs' shapes, dtypes, devices and
+    strides, so the caller keys it by them (:func:`_signature`). Inputs that another transform still
+    wraps (a vmap around ``hf.vmap``) are dynamo's to trace through."""
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return torch.compile(_own_code(fn), **options)
-    graph = make_fx(torch.func.functionalize(fn, remove="mutations_and_views"))(*args)
+    functional = torch.func.functionalize(fn, remove="mutations_and_views")
+    graph = make_fx(functional, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
     merge_common_subexpressions(graph.graph)
     graph.recompile()
     return torch.compile(graph, **options)
