@@ -68,8 +68,8 @@ def test_compiled_segments_equal_eager_without_recompiling(name):
 
 
 def test_losses_closing_over_tensors_compile_and_follow_their_updates():
-    """The kernels are traced on real inputs: a tensor a loss closes over (a fixed target, a mask) becomes
-    a constant of the graph, held by reference, so an in-place update of it reaches the next call."""
+    """A tensor a loss closes over (a fixed target, a mask) becomes a constant of the traced kernel
+    graph, held by reference, so an in-place update of it reaches the next call."""
     prob = _anil(T)
     weight = torch.tensor(2.0, dtype=DT)
 
