@@ -166,6 +166,32 @@ def test_noise_keys_on_device_equal_host_keys_under_nested_vmap_and_compile():
         assert torch.equal(a, torch.stack(b))
 
 
+def test_a_kernels_draws_become_one_call_with_the_same_bits():
+    # batch_draws stacks the steps of the counter_bits calls that share a seed and sizes; the step counters are
+    # computed late in the graph (next to each draw) and must be moved ahead of the merged call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hyperfunc._common_subexpressions import merge_common_subexpressions
+    from hyperfunc.optim._noise import _counter_bits, batch_draws, normal
+
+    def segment(w, t0, random_step):
+        for j in range(4):
+            w = w + normal([w.shape], 7, t0 + j, [0], [w.dtype], w.device)[0]
+        if random_step:  # a step that depends on a random draw cannot be moved: the group stays as it is
+            w = w + normal([w.shape], 7, t0 + (torch.rand(()) > 2).long(), [0], [w.dtype], w.device)[0]
+        return w
+
+    w, t0 = torch.zeros(3, dtype=DT), torch.tensor(5)
+    for random_step, merged in ((False, 1), (True, 5)):
+        graph = make_fx(lambda w, t0: segment(w, t0, random_step))(w, t0)
+        merge_common_subexpressions(graph.graph)  # as hf.compile's kernels: equal seeds become one node
+        batch_draws(graph.graph)
+        graph.graph.lint()  # still in topological order
+        graph.recompile()
+        assert sum(node.target is _counter_bits for node in graph.graph.nodes) == merged
+        assert torch.equal(graph(w, t0), segment(w, t0, random_step))  # rand(()) > 2 never holds: fixed steps
+
+
 def test_sgld_zero_temperature_is_gradient_descent():
     opt = hf.optim.sgld(lr=0.1, temperature=0.0)
     out = opt.update(opt.init(td(w=torch.ones(3, dtype=DT))), td(w=torch.ones(3, dtype=DT)))

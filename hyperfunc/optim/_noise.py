@@ -98,9 +98,14 @@ def _counter_bits_impl(seed: torch.Tensor, step: torch.Tensor, streams: list[int
     if seed.dim() == 0 and step.dim() == 0:  # one key per stream (the draw of an SGLD step): µs count here
         a, b = int(seed), int(step)
         return _draw_numpy(np.array([_key(a, b, c) for c in streams], dtype=np.int64), tuple(sizes))
-    seed, step = torch.broadcast_tensors(seed, step)
-    keys = [[_key(a, b, c) for c in streams] for a, b in zip(seed.flatten().tolist(), step.flatten().tolist())]
-    return _draw_numpy(np.array(keys, dtype=np.int64).reshape(*step.shape, len(streams)), tuple(sizes))
+    # many keys (per-task seeds, or the steps of a kernel stacked by batch_draws): numpy hashes them at once
+    if seed.dim() == 0:  # one seed: its half of the key hashes as a Python int
+        seed = int(seed)
+    else:
+        seed, step = torch.broadcast_tensors(seed, step)
+        seed = seed.reshape(-1, 1).numpy()
+    keys = _key(seed, step.reshape(-1, 1).numpy(), np.asarray(streams, dtype=np.int64))
+    return _draw_numpy(keys.reshape(*step.shape, len(streams)), tuple(sizes))
 
 
 _LIB.impl("counter_bits", _counter_bits_impl, "CompositeExplicitAutograd")
@@ -155,3 +160,58 @@ def normal(shapes: list, seed: Any, step: Any, streams: list[int], dtypes: list,
         u0, u1 = ((b.to(torch.float64) + 0.5) / 2.0**32).unbind(b.dim() - len(shape) - 1)
         out.append((torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(2.0 * math.pi * u1)).to(dtype))
     return out
+
+
+def batch_draws(graph: torch.fx.Graph) -> None:
+    """Replace, in place, the ``counter_bits`` calls of a functional graph that share their seed, streams
+    and sizes and draw for one step each (a k-step SGLD kernel) by one call for the stacked steps,
+    whose rows are the same bits: one operator call per kernel instead of one per step. A call costs
+    about 25 µs on the CPU whatever its size; ten stacked steps about 55 µs. Run it after
+    :func:`~hyperfunc._common_subexpressions.merge_common_subexpressions`, which gives equal seeds one
+    node. The pure operators that compute the steps are moved ahead of the first draw; a group whose
+    steps depend on anything else (a random draw) is left alone."""
+    groups: dict = {}
+    for node in graph.nodes:
+        if (
+            node.op == "call_function"
+            and node.target is _counter_bits
+            and _scalar(node.args[0])
+            and _scalar(node.args[1])
+        ):
+            seed, _, streams, sizes = node.args
+            groups.setdefault((seed, tuple(streams), tuple(sizes)), []).append(node)
+    for (seed, streams, sizes), draws in groups.items():
+        first = draws[0]
+        if len(draws) < 2 or not all(_hoist(node.args[1], first) for node in draws):
+            continue
+        with graph.inserting_before(first):
+            steps = graph.call_function(torch.ops.aten.stack.default, ([node.args[1] for node in draws],))
+            merged = graph.call_function(_counter_bits, (seed, steps, list(streams), list(sizes)))
+            rows = [graph.call_function(torch.ops.aten.select.int, (merged, 0, j)) for j in range(len(draws))]
+        for node, row in zip(draws, rows):
+            node.replace_all_uses_with(row)
+            graph.erase_node(node)
+
+
+def _scalar(node: Any) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return torch.is_tensor(value) and value.dim() == 0
+
+
+def _hoist(node: torch.fx.Node, before: torch.fx.Node) -> bool:
+    """Move ``node`` and what it needs ahead of ``before`` when they are pure operator calls; False if one is not."""
+    position = {n: i for i, n in enumerate(before.graph.nodes)}
+
+    def visit(n: torch.fx.Node) -> bool:
+        if position[n] < position[before]:
+            return True
+        pure = isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.is_mutable
+        if n.op != "call_function" or not pure or torch.Tag.nondeterministic_seeded in n.target.tags:
+            return False
+        if not all(visit(a) for a in n.all_input_nodes):
+            return False
+        before.prepend(n)
+        position[n] = position[before] - 0.5
+        return True
+
+    return visit(node)

@@ -33,6 +33,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .._common_subexpressions import merge_common_subexpressions
 from .._tree import Keys, Leaves, build
+from ..optim._noise import batch_draws
 
 _KERNEL_IDS = itertools.count()
 
@@ -84,6 +85,7 @@ def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
     functional = torch.func.functionalize(fn, remove="mutations_and_views")
     graph = make_fx(functional, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
     merge_common_subexpressions(graph.graph)
+    batch_draws(graph.graph)
     graph.recompile()
     return torch.compile(graph, **options)
 

@@ -263,23 +263,34 @@ class Bound:
     def scan(self, name: str, body: Callable, b: Any, carry: tuple, start: int, stop: int, shared: tuple = ()):
         """``(b, carry)`` after ``body(bound, b, i, *carry, *shared) -> (b, *carry)`` for ``i = start..stop-1``
         (``carry``, ``shared``: tuples of leaf tuples): a transform's per-step recursion (DrMAD's backward
-        travel, greedy accumulation, HPO-SGLD). Eager: a Python loop, ``i`` an int. Under ``hf.compile``:
-        one :meth:`piece` per segment of k iterations, ``i`` a tensor, so ``body`` must not branch on ``i``
+        travel, greedy accumulation). Eager: a Python loop, ``i`` an int. Under ``hf.compile``: one
+        :meth:`piece` per segment of k iterations, ``i`` a tensor, so ``body`` must not branch on ``i``
         in Python, and must close over static values only (``name`` must name every static choice).
         A ``shared`` leaf may be a Python int (a count such as T): an int eagerly, an int64 tensor in a
         kernel, so that one kernel serves every value."""
+
+        def block(bound, b, i0, n, *groups):
+            state, rest = groups[: len(carry)], groups[len(carry) :]
+            for j in range(n):
+                b, *state = body(bound, b, i0 + j, *state, *rest)
+            return (b, *state)
+
+        return self.scan_blocks(name, block, b, carry, start, stop, shared)
+
+    def scan_blocks(self, name: str, block: Callable, b: Any, carry: tuple, start: int, stop: int, shared: tuple = ()):
+        """:meth:`scan` for a recursion that works on several steps at once (HPO-SGLD's direct term, one
+        VJP per block of samples): ``block(bound, b, i0, n, *carry, *shared) -> (b, *carry)`` runs steps
+        ``i0..i0+n-1``, ``n`` a Python int. Eager: one block over ``start..stop-1``, ``i0`` an int. Under
+        ``hf.compile``: one block per segment of k steps, ``i0`` a tensor, one kernel per block length."""
         if self.segments is None:
-            for i in range(start, stop):
-                b, *carry = body(self, b, i, *carry, *shared)
+            b, *carry = block(self, b, start, stop - start, *carry, *shared)
             return b, tuple(carry)
         shared = tuple(tuple(step_index(self.h, x) if isinstance(x, int) else x for x in group) for group in shared)
         st, sizes = self.structure(), tuple(map(len, carry))
         for a, n in self.chunks(start, stop):
 
             def fn(bound, b, *groups, n=n):
-                carry, rest, ((i0,),) = groups[: len(sizes)], groups[len(sizes) : -1], groups[-1:]
-                for j in range(n):
-                    b, *carry = body(bound, b, i0 + j, *carry, *rest)
+                b, *carry = block(bound, b, groups[-1][0], n, *groups[:-1])
                 return (*buffers_out(st.bkeys, b), *(x for group in carry for x in group))
 
             out = self.piece(f"{name}/{n}", fn, b, carry, (*shared, (step_index(self.h, a),)))
@@ -318,6 +329,21 @@ class Bound:
             return loss, alpha, HyperCotangent(ct_h, self.zeros_d())
         loss, fn = torch.func.vjp(lambda s: self.outer(s, b, self.h), s)
         return loss, fn(torch.ones_like(loss))[0], None
+
+    def outer_grad_h(self, samples: list, weights: list) -> Leaves:
+        r""":math:`\partial_\lambda \sum_j w_j L_{out}(s_j, \lambda)` over ``samples = [(s_j, b_j), ...]`` by one
+        VJP: the outer loss is vmapped over the samples with λ unbatched, so whatever depends on λ and the
+        batch alone (ANIL's features) is computed once and pulled back once, with the summed cotangent.
+        Memory: the outer loss's activations for every sample."""
+        states = tuple(torch.stack(x) for x in zip(*(s for s, _ in samples)))
+        bufs = [b for _, b in samples]
+        bufs = torch.stack(bufs) if isinstance(bufs[0], TensorDictBase) else ()
+
+        def total(h: Leaves) -> torch.Tensor:
+            losses = torch.func.vmap(lambda s, b: self.outer(s, b, h))(states, bufs)
+            return sum(w * loss for w, loss in zip(weights, losses.unbind(0)))
+
+        return torch.func.grad(total)(self.h)
 
     # -- compiled segment kernels (hf.compile; see _segments) ---------------------------------------
     def structure(self) -> Structure:

@@ -22,7 +22,6 @@ from .base import (
     make_transform,
     refuse_loop,
     step_number,
-    where_step,
 )
 from .greedy import accumulating
 from .reverse import HyperGradFn
@@ -53,42 +52,72 @@ def check_langevin_args(tau: Any, seed: Any) -> tuple[float, Optional[int]]:
     return check_real(tau, "tau", 0.0), (None if seed is None else check_seed(seed))
 
 
+#: Samples whose direct terms :math:`\partial_\lambda L_{out}(\theta_m)` share one VJP (memory: the outer
+#: loss's activations for this many samples)
+DIRECT_BLOCK = 10
+
+
 def langevin_pass(bound: Bound, B: int, M: int) -> Outcome:
-    r"""Eqs. (22)-(25) over ``B + M`` steps of the bound (SGLD) loop; see :func:`langevin`."""
+    r"""Eqs. (22)-(25) over ``B + M`` steps of the bound (SGLD) loop; see :func:`langevin`.
+
+    The average :math:`\frac1M \sum_{m>B} g_m` of the running sums :math:`g_m = g_0 + \sum_{j \le m} \Delta_j` is
+    accumulated as :math:`g_0 + \sum_j c_j \Delta_j` with :math:`c_j = \min(M, B + M - j + 1)/M`, the share of
+    averaged samples that contain :math:`\Delta_j`: no running sum is carried, and :math:`c_j` scales the
+    cotangent :math:`\alpha_j` before the step's VJP instead of the (λ-sized) products after it."""
     s = bound.initial()
     with_init = bound.learned_init and bound.exact_init
-    # g_m = G·(dλ, dd/dλ) + G_0·(dθ_0/dλ); H, H_0 are their averages over the last M samples
-    G_0 = bound.outer_vjp(s, bound.buffers, with_h=False)[1] if with_init else zeros_like(s)
-    carry = (s, *bound.zero_cotangent(), G_0, *bound.zero_cotangent(), zeros_like(s))
-    b, (s, _, _, _, H_h, H_d, H_0) = bound.scan(  # B and M as shared counts: one kernel serves every (B, M)
-        f"langevin/{with_init}", _langevin_step(with_init), bound.buffers, carry, 0, B + M, ((B, M),)
+    # H, H_0: the averages of g_m over the last M samples, on (λ, d) and on dθ_0/dλ
+    H_0 = bound.outer_vjp(s, bound.buffers, with_h=False)[1] if with_init else zeros_like(s)
+    carry = (s, *bound.zero_cotangent(), H_0)
+    b, (s, H_h, H_d, H_0) = bound.scan_blocks(  # B, M as shared counts: one kernel serves every (B, M)
+        f"langevin/{with_init}", _langevin_block(with_init), bound.buffers, carry, 0, B + M, ((B, M),)
     )
     loss = bound.outer_vjp(s, b, with_h=False)[0]
-    H = HyperCotangent(H_h, H_d)
-    return Outcome(H, loss, s, b, H_0)
+    return Outcome(HyperCotangent(H_h, H_d), loss, s, b, H_0)
 
 
-def _langevin_step(with_init: bool):
-    """Sample ``m = i + 1`` of Eqs. (22)-(25) as a :meth:`Bound.scan` body (shared: the counts ``B, M``)."""
+def _langevin_block(with_init: bool):
+    """Samples ``m = i0 + 1 .. i0 + n`` of Eqs. (22)-(25) as a :meth:`Bound.scan_blocks` block (shared: the
+    counts ``B, M``). The direct terms of up to :data:`DIRECT_BLOCK` samples share one VJP."""
 
-    def body(bound, b, i, s, G_h, G_d, G_0, H_h, H_d, H_0, counts) -> tuple:
+    def block(bound, b, i0, n, s, H_h, H_d, H_0, counts) -> tuple:
         B, M = counts
-        inv_M = 1.0 / step_number(M, s)
-        (s_new, b_new), pull = bound.step_vjp(s, b, i)
-        _, alpha, direct = bound.outer_vjp(s_new, b_new)
-        ct_s, ct = pull(alpha)
-        G = HyperCotangent(G_h, G_d).plus(ct)
-        if with_init:
-            # (∇²L_out) δ as the VJP of α = ∇L_out (the Hessian is symmetric); a JVP of a gradient does not
-            # compile under an outer vmap
-            hvp = torch.func.vjp(lambda x: bound.outer_vjp(x, b, with_h=False)[1], s)[1](axpy(-1.0, s, s_new))[0]
-            G_0 = add(G_0, add(hvp, axpy(-1.0, alpha, ct_s)))
-        averaged = i + 1 > B  # sample m = i + 1 is one of the last M
-        g = direct.plus(G).times(inv_M)
-        H_h, H_d = add(H_h, where_step(averaged, g.h)), add(H_d, where_step(averaged, g.d))
-        return b_new, s_new, *G, G_0, H_h, H_d, add(H_0, where_step(averaged, scale(inv_M, G_0)))
+        samples, weights = [], []
+        for j in range(n):
+            i = i0 + j  # the step that makes sample m = i + 1
+            c = _share(i, B, M, s)
+            (s_new, b_new), pull = bound.step_vjp(s, b, i)
+            alpha = bound.outer_vjp(s_new, b_new, with_h=False)[1]
+            ct_s, ct = pull(scale(c, alpha))
+            H_h, H_d = HyperCotangent(H_h, H_d).plus(ct)
+            if with_init:
+                # (∇²L_out) δ as the VJP of α = ∇L_out (the Hessian is symmetric); a JVP of a gradient does not
+                # compile under an outer vmap
+                delta = axpy(-c, s, scale(c, s_new))
+                hvp = torch.func.vjp(lambda x: bound.outer_vjp(x, b, with_h=False)[1], s)[1](delta)[0]
+                H_0 = add(H_0, add(hvp, axpy(-c, alpha, ct_s)))
+            s, b = s_new, b_new
+            averaged = i + 1 > B
+            if torch.is_tensor(averaged):  # in a kernel: every sample, weighted 0 in the burn-in
+                samples.append((s, b))
+                weights.append(torch.where(averaged, 1.0 / step_number(M, s), 0.0))
+            elif averaged:  # eagerly: the burn-in's samples are skipped
+                samples.append((s, b))
+                weights.append(1.0 / M)
+            if samples and (len(samples) == DIRECT_BLOCK or j == n - 1):
+                H_h = add(H_h, bound.outer_grad_h(samples, weights))
+                samples, weights = [], []
+        return b, s, H_h, H_d, H_0
 
-    return body
+    return block
+
+
+def _share(i, B, M, like) -> Any:
+    r""":math:`\min(M, B + M - i)/M`: the share of the averaged samples ``m > B`` that come at or after sample
+    ``i + 1`` (an int eagerly, a tensor of ``like``'s dtype in a kernel)."""
+    if isinstance(i, int):
+        return min(M, B + M - i) / M
+    return step_number(torch.minimum(B + M - i, M), like) / step_number(M, like)
 
 
 def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transform:
@@ -120,9 +149,12 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
     reproducible and ``vmap`` equals a loop. As ``tau → 0`` the sampler is gradient descent and
     the recursion is deterministic. ``res.loss`` and ``res.params`` are those of the last sample.
 
-    Cost per step: one step VJP, one outer-loss gradient, and with a learned init one outer-loss
-    Hessian-vector product; memory O(|s| + H), flat in ``B + M``. Module buffers are carried along
-    the chain (``res.buffers`` after the last sample).
+    Cost per step: one step VJP, one outer-loss gradient in θ, and with a learned init one outer-loss
+    Hessian-vector product; the direct terms :math:`\partial_\lambda L_{out}(\theta_m)` of every
+    :data:`DIRECT_BLOCK` (10) samples share one VJP in λ (:meth:`Bound.outer_grad_h`: ANIL's body is
+    pulled back once per block, not per sample). Memory O(|s| + H) plus the outer loss's activations
+    for 10 samples, flat in ``B + M``. Module buffers are carried along the chain (``res.buffers``
+    after the last sample).
 
     Example:
         >>> import hyperfunc as hf
