@@ -90,7 +90,8 @@ def _counter_bits_impl(seed: torch.Tensor, step: torch.Tensor, streams: list[int
     ops per draw, and a 10-step SGLD segment then compiled for minutes (260 s against 12 s
     without noise, 2 CPU threads); as one extern call the graph stays small. One call draws every
     stream of a step (every parameter leaf). Registered through ``torch.library.Library`` rather
-    than ``torch.library.custom_op``, whose Python wrappers cost 55 of a call's 80 µs here (31 µs a call now).
+    than ``torch.library.custom_op``, whose Python wrappers cost 55 of a call's 80 µs here (about 25 µs a call
+    now; :func:`batch_draws` stacks the steps of a compiled kernel into one call).
     """
     if step.device.type != "cpu":  # hashed on the device: reading the counters would synchronise with the host
         seed, step = torch.broadcast_tensors(seed, step)
