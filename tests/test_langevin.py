@@ -1,8 +1,11 @@
 """langevin (HPO-SGLD) against its recursion computed by hand on the 1D problem of Kim & Hospedales Sec. 4.1."""
 
+import copy
+import importlib
+
 import pytest
 import torch
-from problems import DT, td
+from problems import DT, td, tree_close
 
 import hyperfunc as hf
 
@@ -113,3 +116,43 @@ def test_synthetic_1d_problem_reaches_table_2_accuracy(name, transform):
         lam, theta = (lam - 0.15 * res.grads["lam"]).clamp(0, 1), res.params["theta"]
     assert abs(float(lam) - LAMBDA_STAR) < 1e-3, name
     assert abs(float(theta) - THETA_STAR) < 1e-3, name
+
+
+def test_direct_terms_equal_per_sample_gradients_with_buffers(monkeypatch):
+    """The direct terms ∂_λ L_out(θ_m) share one VJP per block of samples (the outer loss vmapped over the
+    samples and their BatchNorm buffers, read in eval mode). A logit temperature that only the outer loss reads
+    has g_m = 0, so its hypergradient is (1/M) Σ_{m>B} ∂_t L_out(θ_m, b_m), computed here sample by sample from
+    plain SGLD runs; blocks of 10 (one of them partial), 3 and 1 give the same hypergradient."""
+    import torch.nn.functional as F
+    from tensordict import TensorDict
+    from test_modules import conv_bn, data, losses
+
+    module = importlib.import_module("hyperfunc.transforms.langevin")  # the package re-exports the function
+    net = conv_bn()
+    inner, _ = losses(net)
+
+    evaluated = copy.deepcopy(net).eval()  # the outer loss reads the running statistics b_m
+
+    def outer(p, h, batch, buffers):
+        out, buffers = hf.functional_call(evaluated, p, buffers, batch[0])
+        return F.cross_entropy(out * h["log_t"].exp(), batch[1]), buffers
+
+    params, buffers = hf.module_state(net)
+    hparams = TensorDict({"log_l2": torch.tensor(-3.0, dtype=DT), "log_t": torch.tensor(0.3, dtype=DT)}, [])
+    B, M, tau, seed = 2, 12, 1e-3, 4
+    hg = hf.langevin(B, M, tau=tau, seed=seed)(hf.InnerLoop(inner, hf.optim.sgd(lr=0.1), steps=1), outer)
+    batches, val = data(steps=B + M)
+    expected = 0.0
+    for m in range(B + 1, B + M + 1):
+        chain = hf.InnerLoop(inner, hf.optim.sgld(lr=0.1, temperature=tau, seed=seed), steps=m)
+        w, b = chain.run(hparams, params, tuple(x[:m] for x in batches), buffers)
+        loss = lambda t: outer(w, TensorDict({"log_t": t}, []), val, b)[0]
+        expected = expected + torch.func.grad(loss)(hparams["log_t"]) / M
+    results = []
+    for block in (10, 3, 1):
+        monkeypatch.setattr(module, "DIRECT_BLOCK", block)
+        results.append(hg(hparams, params, batches, val, buffers=buffers))
+    assert abs(float(expected)) > 1e-3
+    torch.testing.assert_close(results[0].grads["log_t"], expected, rtol=1e-10, atol=1e-13)
+    for res in results[1:]:
+        tree_close(res.grads, results[0].grads, rtol=1e-10, atol=1e-13)
