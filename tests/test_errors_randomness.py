@@ -58,6 +58,25 @@ def _langevin_loop(opt):
     return hf.InnerLoop(q.inner, opt, steps=1), q
 
 
+def test_langevin_outer_loss_with_dropout():
+    """langevin vmaps the outer loss over blocks of samples for their direct terms: an outer loss that draws
+    (dropout) gets a mask per sample, as one call per sample did, instead of vmap's randomness error."""
+    inner = lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum()
+    outer = lambda p, h, y: ((F.dropout(p["w"] * h["c"], 0.5) - y) ** 2).sum()
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1), steps=1, full_batch=True)
+    hg = hf.langevin(2, 12, 1e-3, seed=0)(loop, outer)
+    args = (
+        td(c=torch.tensor(1.0, dtype=DT)),
+        td(w=torch.zeros(4, dtype=DT)),
+        torch.ones(4, dtype=DT),
+        torch.zeros(4, dtype=DT),
+    )
+    torch.manual_seed(0)
+    first = hg(*args).grads["c"]
+    torch.manual_seed(0)
+    assert torch.isfinite(first) and torch.equal(hg(*args).grads["c"], first)  # the global RNG, as nn.Dropout
+
+
 def test_langevin_uses_the_loops_sgld_seed():
     loop, q = _langevin_loop(hf.optim.sgld(lr=0.1, temperature=0.01, seed=11))
     args = (q.hparams(), td(w=q.w0), q.b[0], q.y)

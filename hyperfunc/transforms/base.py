@@ -340,7 +340,8 @@ class Bound:
         bufs = torch.stack(bufs) if isinstance(bufs[0], TensorDictBase) else ()
 
         def total(h: Leaves) -> torch.Tensor:
-            losses = torch.func.vmap(lambda s, b: self.outer(s, b, h))(states, bufs)
+            # randomness='different': an outer loss with dropout draws a mask per sample, as one call per sample did
+            losses = torch.func.vmap(lambda s, b: self.outer(s, b, h), randomness="different")(states, bufs)
             return sum(w * loss for w, loss in zip(weights, losses.unbind(0)))
 
         return torch.func.grad(total)(self.h)
