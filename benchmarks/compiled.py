@@ -9,7 +9,8 @@ Routes:
 - floor: the inner loop alone, hand-written, batched over tasks (one ``bmm`` per op), no graph:
   eager (in place), and compiled (a ``torch.compile``'d k-step segment in a Python loop);
 - hyperfunc eager: ``torch.func.vmap(hg)``; ``torch.compile(torch.func.vmap(hg))`` (whole loop traced,
-  T = 10 only: its compile time grows with T); ``hf.compile(hf.vmap(hg), segment=k)``;
+  T = 10 only: its compile time grows with T); ``hf.compile(hf.vmap(hg), segment=k)``, and with
+  ``--cpp-wrapper`` also with ``options={"cpp_wrapper": True}`` (inductor's C++ wrapper);
 - peers (T <= 100): a hand-written ``torch.func`` vmap of the unrolled loop, TorchOpt's functional
   SGD with autograd (a loop over tasks) and ``higher``'s ``innerloop_ctx`` (a loop over tasks).
 
@@ -279,8 +280,11 @@ def compile_times(names, steps: int, threads: int) -> dict:
 
 
 # -- the tables ---------------------------------------------------------------------------------------
-def speed_table(steps: int, reps: int, names, peers: bool, whole: bool, segments=(SEGMENT,)) -> list[dict]:
-    """One row per route at ``steps`` inner steps; ``unroll`` is compiled with every segment length."""
+def speed_table(
+    steps: int, reps: int, names, peers: bool, whole: bool, segments=(SEGMENT,), cpp_wrapper: bool = False
+) -> list[dict]:
+    """One row per route at ``steps`` inner steps; ``unroll`` is compiled with every segment length, and
+    with ``cpp_wrapper`` every compiled route also with inductor's C++ wrapper (``options={"cpp_wrapper": True}``)."""
     problem, hg, args = make("unroll", steps)
     reference = mean_grads(torch.func.vmap(hg, in_dims=IN_DIMS)(*args))
     fin = floor_inputs(problem, args)
@@ -303,8 +307,10 @@ def speed_table(steps: int, reps: int, names, peers: bool, whole: bool, segments
         check = name == "unroll" or None
         routes[f"hyperfunc {name}, eager"] = ((lambda e=eager, a=args_n: mean_grads(e(*a))), check)
         for k in segments if name == "unroll" else segments[:1]:
-            fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=k)
-            routes[f"hyperfunc {name}, hf.compile(segment={k})"] = ((lambda c=fast, a=args_n: mean_grads(c(*a))), check)
+            for options in ({}, {"cpp_wrapper": True}) if cpp_wrapper else ({},):
+                fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=k, **({"options": options} if options else {}))
+                label = f"hyperfunc {name}, hf.compile(segment={k}{', cpp_wrapper' if options else ''})"
+                routes[label] = ((lambda c=fast, a=args_n: mean_grads(c(*a))), check)
         if whole and name == "unroll":
             whole_fn = torch.compile(torch.func.vmap(hg, in_dims=IN_DIMS))
             start = time.perf_counter()
@@ -346,6 +352,9 @@ def main():
     parser.add_argument("--only", nargs="*", help="hyperfunc transforms to run (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="skip TorchOpt, higher and the torch.func peer")
     parser.add_argument("--no-compile-times", action="store_true", help="skip the fresh-process compile times")
+    parser.add_argument(
+        "--cpp-wrapper", action="store_true", help="also compile with options={'cpp_wrapper': True} (a row each)"
+    )
     parser.add_argument("--memory", action="store_true", help="only the peak-memory table, at the largest T")
     parser.add_argument("--first-call", help=argparse.SUPPRESS)  # internal: one fresh-process measurement
     parser.add_argument("--memory-of", nargs=2, help=argparse.SUPPRESS)  # internal: likewise
@@ -369,7 +378,7 @@ def main():
     rows = []
     for steps in args.steps:
         peers = not args.no_peers and steps <= 100  # TorchOpt and higher take seconds per call at T = 1000
-        rows += speed_table(steps, args.reps, names, peers, whole=steps <= 10, segments=args.segments)
+        rows += speed_table(steps, args.reps, names, peers, steps <= 10, args.segments, args.cpp_wrapper)
     print(f"\n## ANIL sinusoid, meta-batch {TASKS}, float32, torch {torch.__version__}, {args.threads} thread(s)\n")
     print(markdown(rows, ["T", "route", "ms", "x eager floor", "x compiled floor", "max rel. err. vs eager unroll"]))
     if times:
