@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 
-def _mergeable(node: torch.fx.Node) -> bool:
+def pure_call(node: torch.fx.Node) -> bool:
     """A call whose result is a function of its arguments alone: an operator that mutates nothing and
     draws no random numbers, or an item of such a call's result."""
     if node.op != "call_function":
@@ -60,7 +60,7 @@ def merge_common_subexpressions(graph: torch.fx.Graph) -> None:
         return
     seen: dict = {}
     for node in list(graph.nodes):
-        if not _mergeable(node):
+        if not pure_call(node):
             continue
         try:
             key = (node.target, _key(node.args), _key(node.kwargs))

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .._common_subexpressions import pure_call
+
 _MASK = 0xFFFFFFFF
 
 
@@ -183,7 +185,8 @@ def batch_draws(graph: torch.fx.Graph) -> None:
             groups.setdefault((seed, tuple(streams), tuple(sizes)), []).append(node)
     for (seed, streams, sizes), draws in groups.items():
         first = draws[0]
-        if len(draws) < 2 or not all(_hoist(node.args[1], first) for node in draws):
+        position = {n: i for i, n in enumerate(graph.nodes)}
+        if len(draws) < 2 or not all(_hoist(node.args[1], first, position) for node in draws):
             continue
         with graph.inserting_before(first):
             steps = graph.call_function(torch.ops.aten.stack.default, ([node.args[1] for node in draws],))
@@ -199,17 +202,14 @@ def _scalar(node: Any) -> bool:
     return torch.is_tensor(value) and value.dim() == 0
 
 
-def _hoist(node: torch.fx.Node, before: torch.fx.Node) -> bool:
-    """Move ``node`` and what it needs ahead of ``before`` when they are pure operator calls; False if one is not."""
-    position = {n: i for i, n in enumerate(before.graph.nodes)}
+def _hoist(node: torch.fx.Node, before: torch.fx.Node, position: dict) -> bool:
+    """Move ``node`` and what it needs ahead of ``before`` when they are pure operator calls (``pure_call``);
+    False if one is not. ``position`` (node -> graph index) is kept up to date for the nodes moved."""
 
     def visit(n: torch.fx.Node) -> bool:
         if position[n] < position[before]:
             return True
-        pure = isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.is_mutable
-        if n.op != "call_function" or not pure or torch.Tag.nondeterministic_seeded in n.target.tags:
-            return False
-        if not all(visit(a) for a in n.all_input_nodes):
+        if not pure_call(n) or not all(visit(a) for a in n.all_input_nodes):
             return False
         before.prepend(n)
         position[n] = position[before] - 0.5
