@@ -44,6 +44,7 @@ import hyperfunc as hf  # noqa: E402
 
 LR, MOMENTUM, TASKS, SEGMENT = 0.01, 0.9, 10, 10
 IN_DIMS = (None, 0, 0, 0)
+CPP_WRAPPER = {"options": {"cpp_wrapper": True}}  # hf.compile's torch.compile arguments for inductor's C++ wrapper
 
 
 def transforms() -> dict:
@@ -231,10 +232,10 @@ def higher_unroll(steps: int):
 
 
 # -- compile times, in fresh processes ----------------------------------------------------------------
-def first_call(name: str, steps: int) -> float:
+def first_call(name: str, steps: int, cpp_wrapper: bool = False) -> float:
     """Seconds of the first call of hf.compile(hf.vmap(hg), segment=k): dynamo + inductor + one run."""
     _, hg, args = make(name, steps)
-    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=SEGMENT)
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=SEGMENT, **(CPP_WRAPPER if cpp_wrapper else {}))
     start = time.perf_counter()
     fast(*args)
     return time.perf_counter() - start
@@ -265,17 +266,20 @@ def memory_table(names, steps: int, threads: int) -> list[dict]:
     return rows
 
 
-def compile_times(names, steps: int, threads: int) -> dict:
-    """``name -> (cold, warm)`` first-call seconds, each in a fresh process (cold: empty inductor cache)."""
+def compile_times(names, steps: int, threads: int, cpp_wrapper: bool = False) -> dict:
+    """``name -> (cold, warm)`` first-call seconds, each in a fresh process (cold: empty inductor cache);
+    with ``cpp_wrapper`` also ``"name, cpp_wrapper"`` for the C++ wrapper."""
     out = {}
-    for name in names:
+    for name, flags in ((n, f) for n in names for f in ([[], ["--cpp-wrapper"]] if cpp_wrapper else [[]])):
+        label = name + (", cpp_wrapper" if flags else "")
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
             cmd = [sys.executable, __file__, "--first-call", name, "--steps", str(steps), "--threads", str(threads)]
+            cmd += flags
             runs = [json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)]
             runs.append(json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout))
-        out[name] = (runs[0], runs[1])
-        print(f"{name}: cold {runs[0]:.1f} s, warm {runs[1]:.1f} s (T = {steps})", flush=True)
+        out[label] = (runs[0], runs[1])
+        print(f"{label}: cold {runs[0]:.1f} s, warm {runs[1]:.1f} s (T = {steps})", flush=True)
     return out
 
 
@@ -307,8 +311,8 @@ def speed_table(
         check = name == "unroll" or None
         routes[f"hyperfunc {name}, eager"] = ((lambda e=eager, a=args_n: mean_grads(e(*a))), check)
         for k in segments if name == "unroll" else segments[:1]:
-            for options in ({}, {"cpp_wrapper": True}) if cpp_wrapper else ({},):
-                fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=k, **({"options": options} if options else {}))
+            for options in ({}, CPP_WRAPPER) if cpp_wrapper else ({},):
+                fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=k, **options)
                 label = f"hyperfunc {name}, hf.compile(segment={k}{', cpp_wrapper' if options else ''})"
                 routes[label] = ((lambda c=fast, a=args_n: mean_grads(c(*a))), check)
         if whole and name == "unroll":
@@ -361,7 +365,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_call:
-        print(json.dumps(first_call(args.first_call, args.steps[0])))
+        print(json.dumps(first_call(args.first_call, args.steps[0], args.cpp_wrapper)))
         return
     if args.memory_of:
         print(json.dumps(peak_memory(*args.memory_of, args.steps[0])))
@@ -374,7 +378,7 @@ def main():
         return
     cache = tempfile.mkdtemp(prefix="hyperfunc-bench-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # this process compiles into its own cache
-    times = {} if args.no_compile_times else compile_times(names, max(args.steps), args.threads)
+    times = {} if args.no_compile_times else compile_times(names, max(args.steps), args.threads, args.cpp_wrapper)
     rows = []
     for steps in args.steps:
         peers = not args.no_peers and steps <= 100  # TorchOpt and higher take seconds per call at T = 1000
