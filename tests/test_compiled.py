@@ -58,8 +58,8 @@ def test_compiled_segments_equal_eager_without_recompiling(name):
         tree_close(res.params, ref.params, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
         frames.append(counter.frame_count)
-    # one frame per kernel, a handful whatever T: unroll has map and VJP for k and for the remainder and the
-    # outer gradient (the shared w_0 of the first segment is expanded over the tasks, so it uses the same
+    # one frame per kernel, a handful whatever T: unroll has the map and the VJP for k and the fused last
+    # segment with the outer gradient, for the remainder (the shared w_0 of the first segment is expanded over the tasks, so it uses the same
     # kernels); distill with a fitted θ has the most, 7: its scan for k and the remainder, the map for k and
     # the remainder, DrMAD's one-step scan, the outer gradient and the distilled VJP; plus prepare's map and
     # VJP (forward mode pushes prepare forward itself). The first call compiles them all (one eager run of

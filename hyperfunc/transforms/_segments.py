@@ -337,17 +337,22 @@ def prepare_vjp(loop: Any, hkeys: Keys, raw: Layout, n_leaves: int) -> Kernel:
     return kernel
 
 
+def _outer(outer_loss: Any, st: Structure, layout: Layout, s: Leaves, b: Leaves, h: Leaves, batch: Leaves):
+    """:math:`L_{out}` for the params held in the flat state ``s`` (buffers ``b``, outer batch leaves ``batch``)."""
+    from ..loop import call_loss, module_buffers
+
+    params, buffers = build(st.pkeys, s[: len(st.pkeys)]), module_buffers(buffers_in(st.bkeys, b))
+    return call_loss(outer_loss, "outer_loss", params, build(st.hkeys, h), layout.rebuild((), batch), buffers)[0]
+
+
 def outer_vjp(outer_loss: Any, st: Structure, layout: Layout, with_h: bool) -> Kernel:
     """``(s, b, h, batch) -> (L_out, α[, ct_h])``: the outer loss and its gradients."""
-    from ..loop import call_loss, module_buffers
 
     def kernel(*flat):
         s, b, h, batch = split(flat, st.n_state, st.n_buffers, len(st.hkeys))
-        buffers, batch = module_buffers(buffers_in(st.bkeys, b)), layout.rebuild((), batch)
 
         def fn(s, h):
-            params = build(st.pkeys, s[: len(st.pkeys)])
-            return call_loss(outer_loss, "outer_loss", params, build(st.hkeys, h), batch, buffers)[0]
+            return _outer(outer_loss, st, layout, s, b, h, batch)
 
         if with_h:
             loss, pull = torch.func.vjp(fn, s, h)
@@ -355,5 +360,30 @@ def outer_vjp(outer_loss: Any, st: Structure, layout: Layout, with_h: bool) -> K
             return (loss,) + tuple(alpha) + tuple(ct_h)
         loss, pull = torch.func.vjp(lambda s: fn(s, h), s)
         return (loss,) + tuple(pull(torch.ones_like(loss))[0])
+
+    return kernel
+
+
+def segment_outer_vjp(
+    loop: Any, outer_loss: Any, st: Structure, layout: Layout, outer_layout: Layout, n: int
+) -> Kernel:
+    r"""``(s, b, h, d, others, t0, outer batch) -> (L_out, s', b', ct_s, ct_h, ct_d)``: the last segment, the
+    outer loss after it and their VJP in one kernel, so the segment's forward runs once (a
+    :func:`segment_map` then a :func:`segment_vjp` run it twice). ``ct_h`` holds the direct term
+    :math:`\partial_\lambda L_{out}` and ``ct_d`` the cotangent on the segment's window of ``d``. As in
+    :func:`outer_vjp`, the outer loss reads the buffers after the segment without differentiating them."""
+    sizes = _inputs(st, layout)
+
+    def kernel(*flat):
+        s, b, h, d, others, (t0,), batch = split(flat, *sizes, 1)
+
+        def fn(s, h, d):
+            out = _steps(loop, st, layout, n, s, b, h, d, others, t0)
+            s_new, b_new = out[: st.n_state], tuple(x.detach() for x in out[st.n_state :])
+            return _outer(outer_loss, st, outer_layout, s_new, b_new, h, batch), (s_new, b_new)
+
+        loss, pull, (s_new, b_new) = torch.func.vjp(fn, s, h, d, has_aux=True)
+        ct_s, ct_h, ct_d = pull(torch.ones_like(loss))
+        return (loss, *s_new, *b_new, *ct_s, *ct_h, *ct_d)
 
     return kernel

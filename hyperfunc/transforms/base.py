@@ -245,6 +245,20 @@ class Bound:
             return self.segments_vjp(s, b, start, stop)
         return self._vjp(lambda s, h, d: self.run(s, b, h, self.prep.rebuild(d), start, stop), s)
 
+    def run_outer_vjp(self, s: Leaves, b: Any, start: int, stop: int):
+        r"""Steps ``start..stop-1``, the outer loss after them and its VJP through them:
+        ``(loss, (s', b'), ct_s, cot)`` with ``ct_s`` the cotangent on ``s`` and ``cot`` the direct term
+        :math:`\partial_\lambda L_{out}` plus the steps' products :math:`\alpha A \cdots B` (a
+        :class:`HyperCotangent`). It is :meth:`run_vjp` followed by :meth:`outer_vjp` and the pullback
+        of :math:`\alpha`; under ``hf.compile`` the last segment, the outer loss and their VJP are one
+        kernel, so that segment's forward runs once instead of twice."""
+        if self.segments is not None:
+            return self.segments_run_outer_vjp(s, b, start, stop)
+        (final, b_final), pull = self.run_vjp(s, b, start, stop)
+        loss, alpha, direct = self.outer_vjp(final, b_final)
+        ct_s, cot = pull(alpha)
+        return loss, (final, b_final), ct_s, direct.plus(cot)
+
     def step_vjp(self, s: Leaves, b: Any, t: Any):
         """One step (index ``t``: an int, or a tensor inside a :meth:`scan` kernel) and its VJP, as
         :meth:`run_vjp`; always eager (under ``hf.compile`` it runs inside a scan's kernel)."""
@@ -380,40 +394,76 @@ class Bound:
     def segments_vjp(self, s: Leaves, b: Any, start: int, stop: int):
         """:meth:`run_vjp` by segment kernels: the forward keeps each segment's first state, the pullback
         runs each segment's VJP kernel (its forward recomputed) from the last segment to the first."""
-        st = self.structure()
+        chunks = self.chunks(start, stop)
+        states = self.segments_forward(s, b, chunks)
+
+        def pull(ct_s: Leaves) -> tuple[Leaves, HyperCotangent]:
+            ct_d = self.zeros_d() if self.loop.full_batch else ()  # accumulated in the kernels
+            return self.segments_pull(chunks, states, ct_s, self.zeros_h(), ct_d, [], start, stop)
+
+        return states[-1], pull
+
+    def segments_run_outer_vjp(self, s: Leaves, b: Any, start: int, stop: int):
+        """:meth:`run_outer_vjp` by segment kernels: the forward of every segment but the last, the last
+        one's fused kernel (:func:`_segments.segment_outer_vjp`), then the others' VJP kernels."""
+        chunks = self.chunks(start, stop)
+        if not chunks:
+            loss, alpha, direct = self.segments_outer_vjp(s, b, True)
+            return loss, (s, b), alpha, direct
+        st, (a, n) = self.structure(), chunks[-1]
+        (layout, d, others), (outer_layout, batch) = self.prepared_layout(), self.outer_layout()
+        states = self.segments_forward(s, b, chunks[:-1])
+        kernel = self.segments.kernel(
+            ("outer vjp", n, st, layout.key(), self._cache["outer key"]),
+            _segments.segment_outer_vjp(self.loop, self.outer_loss, st, layout, outer_layout, n),
+            range(st.n_state + st.n_buffers),
+        )
+        s_a, b_a = states[-1]
+        out = kernel(
+            *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
+            step_index(s_a, a), *batch,
+        )  # fmt: skip
+        (loss,), final, b_final, ct_s, ct_h, ct_d = split(out, 1, st.n_state, st.n_buffers, st.n_state, len(self.h))
+        acc_d, pieces = (ct_d, []) if self.loop.full_batch else ((), [ct_d])
+        ct_s, cot = self.segments_pull(chunks[:-1], states, ct_s, ct_h, acc_d, pieces, start, stop)
+        return loss, (final, buffers_in(st.bkeys, b_final)), ct_s, cot
+
+    def segments_forward(self, s: Leaves, b: Any, chunks: list) -> list:
+        """The first state of every chunk and the state after the last, by segment kernels."""
         layout, d, others = self.prepared_layout()
-        chunks, states = self.chunks(start, stop), [(s, b)]
+        states = [(s, b)]
         for a, n in chunks:
             states.append(self.segment(layout, a, n, *states[-1], self.h, d, others))
+        return states
 
+    def segments_pull(
+        self, chunks: list, states: list, ct_s: Leaves, ct_h: Leaves, ct_d: Leaves, pieces: list, start: int, stop: int
+    ):
+        """``(ct_s, HyperCotangent)`` after the VJP kernels of ``chunks`` (first states ``states``), from the
+        last chunk to the first, starting from ``ct_s`` and the accumulated ``ct_h`` and ``ct_d`` (full batch)
+        or the later windows' cotangents ``pieces`` (per-step batches: assembled over ``start..stop-1``)."""
+        st = self.structure()
+        layout, d, others = self.prepared_layout()
         # per task: the state, buffers, cotangent and accumulators; h, the data and t0 stay as they come
         state_end = st.n_state + st.n_buffers
         data_end = state_end + len(self.h) + len(d) + len(others) + 1
         n_acc_d = len(d) if self.loop.full_batch else 0
         per_task = [*range(state_end), *range(data_end, data_end + st.n_state + len(self.h) + n_acc_d)]
-
-        def pull(ct_s: Leaves) -> tuple[Leaves, HyperCotangent]:
-            ct_h, pieces = self.zeros_h(), []
-            ct_d = self.zeros_d() if self.loop.full_batch else ()  # accumulated in the kernels
-            for (a, n), (s_a, b_a) in reversed(list(zip(chunks, states))):
-                args = (
-                    *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
-                    step_index(s_a, a), *ct_s, *ct_h, *ct_d,
-                )  # fmt: skip
-                kernel = self.segments.kernel(
-                    ("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n), per_task
-                )
-                out = kernel(*args)
-                ct_s, ct_h, ct_d_a = split(out, st.n_state, len(self.h))
-                if self.loop.full_batch:
-                    ct_d = ct_d_a
-                else:
-                    pieces.insert(0, ct_d_a)
-            if not self.loop.full_batch:
-                ct_d = self.assemble_d(pieces, start, stop)
-            return ct_s, HyperCotangent(ct_h, ct_d)
-
-        return states[-1], pull
+        kernels = self.segments.kernel
+        for (a, n), (s_a, b_a) in reversed(list(zip(chunks, states))):
+            args = (
+                *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
+                step_index(s_a, a), *ct_s, *ct_h, *ct_d,
+            )  # fmt: skip
+            kernel = kernels(("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n), per_task)
+            ct_s, ct_h, ct_d_a = split(kernel(*args), st.n_state, len(self.h))
+            if self.loop.full_batch:
+                ct_d = ct_d_a
+            else:
+                pieces.insert(0, ct_d_a)
+        if not self.loop.full_batch:
+            ct_d = self.assemble_d(pieces, start, stop)
+        return ct_s, HyperCotangent(ct_h, ct_d)
 
     def segments_jvp(self, s: Leaves, b: Any, Z: Leaves, tangents: Tangents, start: int, stop: int):
         """:meth:`run_jvp` by segment kernels."""

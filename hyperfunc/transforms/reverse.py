@@ -55,10 +55,7 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
         rng.append(rng_state(s))
         checkpoints.append(bound.run(*checkpoints[-1], bound.h, batches, start, stop))
     s_last, b_last = checkpoints[-1]
-    (final, b_final), pull = bound.run_vjp(s_last, b_last, starts[-1], steps)
-    loss, alpha, direct = bound.outer_vjp(final, b_final)
-    ct_s, cot = pull(alpha)
-    cot = direct.plus(cot)
+    loss, (final, b_final), ct_s, cot = bound.run_outer_vjp(s_last, b_last, starts[-1], steps)
     after = rng_state(s_last) if rng else None
     for start, stop, (s, b), state in zip(*(reversed(x) for x in (starts[:-1], stops[:-1], checkpoints[:-1], rng))):
         set_rng_state(state)  # a recomputed segment replays the random numbers of its first run (dropout)
