@@ -232,10 +232,10 @@ def higher_unroll(steps: int):
 
 
 # -- compile times, in fresh processes ----------------------------------------------------------------
-def first_call(name: str, steps: int, cpp_wrapper: bool = False) -> float:
+def first_call(name: str, steps: int, segment: int, cpp_wrapper: bool = False) -> float:
     """Seconds of the first call of hf.compile(hf.vmap(hg), segment=k): dynamo + inductor + one run."""
     _, hg, args = make(name, steps)
-    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=SEGMENT, **(CPP_WRAPPER if cpp_wrapper else {}))
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=segment, **(CPP_WRAPPER if cpp_wrapper else {}))
     start = time.perf_counter()
     fast(*args)
     return time.perf_counter() - start
@@ -266,21 +266,31 @@ def memory_table(names, steps: int, threads: int) -> list[dict]:
     return rows
 
 
-def compile_times(names, steps: int, threads: int, cpp_wrapper: bool = False) -> dict:
-    """``name -> (cold, warm)`` first-call seconds, each in a fresh process (cold: empty inductor cache);
-    with ``cpp_wrapper`` also ``"name, cpp_wrapper"`` for the C++ wrapper."""
+def compile_times(names, steps: int, threads: int, segments=(SEGMENT,), cpp_wrapper: bool = False) -> dict:
+    """``"name (k = ...)" -> (cold, warm)`` first-call seconds, each in a fresh process (cold: empty inductor
+    cache); ``unroll`` with every segment length, the others with the first; with ``cpp_wrapper`` also
+    ``"name (k = ...), cpp_wrapper"`` for the C++ wrapper."""
     out = {}
-    for name, flags in ((n, f) for n in names for f in ([[], ["--cpp-wrapper"]] if cpp_wrapper else [[]])):
-        label = name + (", cpp_wrapper" if flags else "")
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-            cmd = [sys.executable, __file__, "--first-call", name, "--steps", str(steps), "--threads", str(threads)]
-            cmd += flags
-            runs = [json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)]
-            runs.append(json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout))
-        out[label] = (runs[0], runs[1])
-        print(f"{label}: cold {runs[0]:.1f} s, warm {runs[1]:.1f} s (T = {steps})", flush=True)
+    wrappers = [[], ["--cpp-wrapper"]] if cpp_wrapper else [[]]
+    for name in names:
+        for k, flags in ((k, f) for k in (segments if name == "unroll" else segments[:1]) for f in wrappers):
+            label = f"{name} (k = {k})" + (", cpp_wrapper" if flags else "")
+            out[label] = _cold_and_warm(name, steps, threads, [*flags, "--segments", str(k)])
+            print(f"{label}: cold {out[label][0]:.1f} s, warm {out[label][1]:.1f} s (T = {steps})", flush=True)
     return out
+
+
+def _cold_and_warm(name: str, steps: int, threads: int, flags: list) -> tuple[float, float]:
+    """The first call's seconds in two fresh processes sharing one new inductor cache: (cold, warm)."""
+    cmd = [sys.executable, __file__, "--first-call", name, "--steps", str(steps), "--threads", str(threads), *flags]
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+
+        def seconds() -> float:
+            return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+
+        cold = seconds()  # fills the empty cache
+        return cold, seconds()
 
 
 # -- the tables ---------------------------------------------------------------------------------------
@@ -365,7 +375,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_call:
-        print(json.dumps(first_call(args.first_call, args.steps[0], args.cpp_wrapper)))
+        print(json.dumps(first_call(args.first_call, args.steps[0], args.segments[0], args.cpp_wrapper)))
         return
     if args.memory_of:
         print(json.dumps(peak_memory(*args.memory_of, args.steps[0])))
@@ -378,7 +388,9 @@ def main():
         return
     cache = tempfile.mkdtemp(prefix="hyperfunc-bench-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # this process compiles into its own cache
-    times = {} if args.no_compile_times else compile_times(names, max(args.steps), args.threads, args.cpp_wrapper)
+    times = {}
+    if not args.no_compile_times:
+        times = compile_times(names, max(args.steps), args.threads, args.segments, args.cpp_wrapper)
     rows = []
     for steps in args.steps:
         peers = not args.no_peers and steps <= 100  # TorchOpt and higher take seconds per call at T = 1000
@@ -386,7 +398,7 @@ def main():
     print(f"\n## ANIL sinusoid, meta-batch {TASKS}, float32, torch {torch.__version__}, {args.threads} thread(s)\n")
     print(markdown(rows, ["T", "route", "ms", "x eager floor", "x compiled floor", "max rel. err. vs eager unroll"]))
     if times:
-        print(f"\n## hf.compile(hf.vmap(hg), segment={SEGMENT}): first call at T = {max(args.steps)}, fresh process\n")
+        print(f"\n## hf.compile(hf.vmap(hg), segment=k): first call at T = {max(args.steps)}, fresh process\n")
         table = [{"transform": n, "cold (s)": f"{c:.1f}", "warm (s)": f"{w:.1f}"} for n, (c, w) in times.items()]
         print(markdown(table, ["transform", "cold (s)", "warm (s)"]))
 

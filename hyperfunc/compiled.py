@@ -10,16 +10,19 @@ multiple of k adds one kernel for the remainder.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 
 from ._checks import check_int
-from .transforms._segments import Segments
+from .transforms._segments import Segments, compiler
 from .transforms.base import HyperGradFunction
 
 __all__ = ["Vmapped", "compile", "vmap"]
+
+_TORCH_COMPILE_KEYWORDS = frozenset(inspect.signature(torch.compile).parameters) - {"model"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     r"""Compile a hypergradient function by segments: compile time independent of the number of steps T.
 
     ``hf.compile(hf.vmap(hg, in_dims), segment=k)`` returns ``hf.vmap(hg', in_dims)`` where ``hg'`` runs
-    ``hg``'s algorithm over compiled kernels (``torch.compile(torch.func.vmap(kernel), **options)``):
+    ``hg``'s algorithm over compiled kernels (``torch.func.vmap(kernel)``, traced and compiled with the
+    compiler that ``torch.compile(**options)`` would use):
     the k-step segment map :math:`s_{a+k} = \Phi_{a+k} \circ \cdots \circ \Phi_{a+1}(s_a)`, its VJP
     :math:`\bar s_{a+k} \mapsto (\bar s_a, \bar\lambda, \bar D)`, :math:`(L_{out}, \alpha, \partial_\lambda
     L_{out})`, ``prepare`` and its VJP (the first call runs ``prepare`` once eagerly to learn its
@@ -80,7 +84,9 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     Each kernel is traced once per input signature by ``make_fx`` (functionalized) into
     aten operations; repeated subexpressions are merged (a k-step kernel evaluates the outer loss k
     times, and the parts that depend on λ alone, such as an ANIL body's features of the outer batch,
-    are computed once), and ``torch.compile`` compiles that graph.
+    are computed once), and that graph goes straight to ``torch.compile``'s backend (inductor by default):
+    dynamo, whose guards cost about 0.1 ms per kernel call, only traces a kernel called inside a second
+    transform (a ``vmap`` around ``hf.vmap``).
 
     The result equals the eager transform (float64 to 1e-10). Cost: each segment's VJP recomputes its
     forward (one extra forward pass, as ``checkpoint_every=k``); memory O((T/k + k)·|s|). Supported:
@@ -93,9 +99,11 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     Args:
         fn: an :func:`vmap` of a hypergradient function, or a hypergradient function.
         segment: k, the number of inner steps per compiled segment.
-        **options: passed to ``torch.compile`` (``backend``, ``mode``, ``fullgraph``...). ``dynamic``
-            defaults to False: a new meta-batch size or data shape compiles new kernels, whose code is
-            specialised to the shapes (with symbolic shapes inductor's kernels ran 30x slower here).
+        **options: ``torch.compile``'s keyword arguments (``backend``, ``mode``, ``options``, ``dynamic``,
+            ``disable``; ``fullgraph`` and the recompile settings matter only under a second transform,
+            where dynamo traces the kernels). ``dynamic`` defaults to False: a new meta-batch size or data
+            shape compiles new kernels, whose code is specialised to the shapes (with symbolic shapes
+            inductor's kernels ran 30x slower here). Another keyword is a ``TypeError``.
 
     Example:
         >>> import torch, hyperfunc as hf
@@ -109,6 +117,13 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
         tensor([-0.5876, -0.5876, -0.5876])
     """
     segment = check_int(segment, "segment", 1)
+    unknown = sorted(set(options) - _TORCH_COMPILE_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"hf.compile(fn, segment=k, **options) got {', '.join(map(repr, unknown))}: options are torch.compile's "
+            f"keyword arguments ({', '.join(sorted(_TORCH_COMPILE_KEYWORDS))})"
+        )
+    compiler(options)  # refuses mode= with options=, an unknown backend or inductor setting now, not at the first call
     if isinstance(fn, Vmapped):
         return replace(fn, fn=compile(fn.fn, segment, **options))
     if not isinstance(fn, HyperGradFunction):

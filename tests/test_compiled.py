@@ -59,11 +59,11 @@ def test_compiled_segments_equal_eager_without_recompiling(name):
         torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
         frames.append(counter.frame_count)
     # one frame per kernel, a handful whatever T: unroll has the map and the VJP for k and the fused last
-    # segment with the outer gradient, for the remainder (the shared w_0 of the first segment is expanded over the tasks, so it uses the same
-    # kernels); distill with a fitted θ has the most, 7: its scan for k and the remainder, the map for k and
-    # the remainder, DrMAD's one-step scan, the outer gradient and the distilled VJP; plus prepare's map and
-    # VJP (forward mode pushes prepare forward itself). The first call compiles them all (one eager run of
-    # prepare learns its output's layout); later calls compile nothing
+    # segment with the outer gradient, for the remainder (the shared w_0 of the first segment is expanded over
+    # the tasks, so it uses the same kernels); distill with a fitted θ has the most, 7: its scan for k and the
+    # remainder, the map for k and the remainder, DrMAD's one-step scan, the outer gradient and the distilled
+    # VJP; plus prepare's map and VJP (forward mode pushes prepare forward itself). The first call compiles them
+    # all (one eager run of prepare learns its output's layout); later calls compile nothing
     assert frames[0] <= 9 and frames[2] == frames[1] == frames[0], frames
 
 
@@ -208,6 +208,25 @@ def test_bad_arguments():
         hf.compile(torch.func.vmap(hg), segment=2)
     with pytest.raises(ValueError, match="chunk_size"):
         hf.vmap(hg, chunk_size=0)
+    with pytest.raises(TypeError, match="'bakend'.*torch.compile's keyword arguments"):
+        hf.compile(hg, segment=2, bakend="eager")
+    with pytest.raises(ValueError, match="mode= or options="):
+        hf.compile(hg, segment=2, mode="max-autotune", options={"cpp_wrapper": True})
+
+
+def test_kernels_skip_dynamo_under_hf_vmap():
+    """Under hf.vmap a kernel's traced graph goes straight to the backend: no frame for dynamo to trace
+    (and no guards to check at every call); the backend gets each kernel's graph once."""
+    prob = _anil(T)
+    hg = hf.vmap(hf.unroll(prob.loop, prob.outer_loss), in_dims=IN_DIMS)
+    counter = torch._dynamo.testing.CompileCounter()
+    fast = hf.compile(hg, segment=K, backend=counter)
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    for seed in (0, 1):
+        tree_close(fast(*sinusoid_args(prob, seed)).grads, hg(*sinusoid_args(prob, seed)).grads, rtol=1e-10, atol=1e-12)
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames
+    # map and VJP for k = 3, the fused last segment (1 step) with the outer gradient, prepare and its VJP
+    assert counter.frame_count == 5
 
 
 def test_random_draws_in_the_step_are_refused():

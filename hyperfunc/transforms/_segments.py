@@ -71,15 +71,17 @@ def _own_code(fn: Callable) -> Callable:
 
 
 def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
-    """``torch.compile`` of ``fn``'s graph for inputs like ``args``: ``make_fx`` traces ``fn`` on fake
-    tensors like ``args`` into functional aten operations (vmap and the VJPs resolved, each repeated
-    subexpression merged), and dynamo then reads that straight-line graph instead of interpreting
-    hyperfunc's and torch.func's Python step by step (a warm start of greedy_accumulate at T = 1000,
-    k = 10: 11.1 s before, 6.6 s now, 2 CPU threads). Tensors a loss closes over become constants
-    of the graph, held by reference (fake tensors trace langevin's kernels in 2.2-2.4 s, the real
-    inputs in 3.4-3.8 s). The graph is specialised to the inputs' shapes, dtypes, devices and
-    strides, so the caller keys it by them (:func:`_signature`). Inputs that another transform still
-    wraps (a vmap around ``hf.vmap``) are dynamo's to trace through."""
+    """``fn`` compiled for inputs like ``args``: ``make_fx`` traces ``fn`` on fake tensors like ``args``
+    into functional aten operations (vmap and the VJPs resolved, each repeated subexpression merged),
+    and that straight-line graph goes to the compiler ``torch.compile(**options)`` would use
+    (:func:`compiler`). Dynamo is not involved: interpreting hyperfunc's and torch.func's Python step by
+    step was about 95% of a warm start, and its guards on every input, checked at every call, cost about
+    0.1 ms per kernel call (``unroll`` at T = 100, k = 10: 8.3 ms through ``torch.compile``, 5.5 ms
+    direct). The graph is specialised to the inputs' shapes, dtypes, devices, strides and
+    ``requires_grad``, so the caller keys it by them (:func:`_signature`), which is what those guards
+    checked. Tensors a loss closes over become constants of the graph, held by reference (fake tensors
+    trace langevin's kernels in 2.2-2.4 s, the real inputs in 3.4-3.8 s). Inputs that another transform
+    still wraps (a vmap around ``hf.vmap``) are dynamo's to trace through, with ``torch.compile``."""
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return torch.compile(_own_code(fn), **options)
     functional = torch.func.functionalize(fn, remove="mutations_and_views")
@@ -87,11 +89,25 @@ def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
     merge_common_subexpressions(graph.graph)
     batch_draws(graph.graph)
     graph.recompile()
-    return torch.compile(graph, **options)
+    if options.get("disable"):
+        return graph
+    return compiler(options)(graph, list(args))
+
+
+def compiler(options: dict) -> Callable:
+    """``compile(graph, example_inputs) -> callable``: what ``torch.compile(**options)`` hands the graphs it
+    captures to (torch's own wrappers: inductor with the settings of ``mode`` or ``options``, or the
+    backend named, a registered name or a callable)."""
+    backend, mode, settings = options.get("backend") or "inductor", options.get("mode"), options.get("options")
+    if mode is not None and settings is not None:
+        raise ValueError("hf.compile takes mode= or options=, not both (torch.compile refuses them together)")
+    if backend == "inductor":
+        return torch._TorchCompileInductorWrapper(mode, dict(settings or {}), options.get("dynamic"))
+    return torch._TorchCompileWrapper(backend, mode, settings, options.get("dynamic"))
 
 
 def _signature(args: tuple) -> tuple:
-    return tuple((x.shape, x.stride(), x.dtype, x.device) for x in args)
+    return tuple((x.shape, x.stride(), x.dtype, x.device, x.requires_grad) for x in args)
 
 
 def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
