@@ -29,7 +29,9 @@ import torch
 import torch._C._functorch as _functorch
 import torch._functorch.pyfunctorch as _pyfunctorch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .._common_subexpressions import merge_common_subexpressions
 from .._tree import Keys, Leaves, build
@@ -91,7 +93,11 @@ def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
     graph.recompile()
     if options.get("disable"):
         return graph
-    return compiler(options)(graph, list(args))
+    # the example inputs as fake tensors of a mode with a shape environment, as dynamo hands them over:
+    # without one, AOTAutograd's and inductor's caches are bypassed and every warm start compiles afresh
+    fake = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    with torch._guards.tracing(torch._guards.TracingContext(fake)):
+        return compiler(options)(graph, [fake.from_tensor(x, static_shapes=True) for x in args])
 
 
 def compiler(options: dict) -> Callable:
