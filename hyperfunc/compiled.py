@@ -124,7 +124,6 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
             f"hf.compile(fn, segment=k, **options) got {', '.join(map(repr, unknown))}: options are torch.compile's "
             f"keyword arguments ({', '.join(sorted(_TORCH_COMPILE_KEYWORDS))})"
         )
-    compiler(options)  # refuses mode= with options=, an unknown backend or inductor setting now, not at the first call
     if isinstance(fn, Vmapped):
         return replace(fn, fn=compile(fn.fn, segment, **options))
     if not isinstance(fn, HyperGradFunction):
@@ -135,8 +134,10 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     if not fn.segmented:
         raise TypeError(
             f"hf.compile(segment=k) does not support {fn.name}: it is not declared segmented (an algorithm that "
-            "reaches the steps only through Bound.run, run_vjp, run_jvp, outer_vjp and piece declares "
-            "make_transform(..., segmented=True)); compile it whole with torch.compile(torch.func.vmap(hg, in_dims))"
+            "reaches the steps only through Bound.run, run_vjp, run_outer_vjp, run_jvp, outer_vjp, scan and piece "
+            "declares make_transform(..., segmented=True)); compile it whole with "
+            "torch.compile(torch.func.vmap(hg, in_dims))"
         )
     options.setdefault("dynamic", False)  # symbolic shapes made the generated kernels 30x slower here
-    return replace(fn, segments=Segments(segment, options))
+    # built here, once: mode= with options=, an unknown backend or inductor setting fail now, not at the first call
+    return replace(fn, segments=Segments(segment, options, compiler(options)))

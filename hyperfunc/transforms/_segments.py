@@ -46,10 +46,12 @@ Kernel = Callable[..., tuple]
 @dataclass(frozen=True)
 class Segments:
     """How a compiled transform runs: ``size`` steps per segment kernel, ``options`` for ``torch.compile``,
-    and the kernels built so far (kept across calls; keyed by the structure of the problem)."""
+    ``backend`` the compiler those options select (:func:`compiler`), and the kernels built so far (kept
+    across calls; keyed by the structure of the problem)."""
 
     size: int
     options: dict
+    backend: Callable
     kernels: dict = field(default_factory=dict, compare=False, repr=False)
     #: the layout of ``prepare``'s output per input structure, learned by one eager run in the first call
     prepared: dict = field(default_factory=dict, compare=False, repr=False)
@@ -60,7 +62,7 @@ class Segments:
         kernel unbatched (the shared w_0, a zero accumulator) is expanded over the tasks, so the first
         segment uses the same compiled kernel as the others."""
         if key not in self.kernels:
-            self.kernels[key] = _batched_kernel(fn, self.options, frozenset(per_task))
+            self.kernels[key] = _batched_kernel(fn, self, frozenset(per_task))
         return self.kernels[key]
 
 
@@ -72,11 +74,11 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
+def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     """``fn`` compiled for inputs like ``args``: ``make_fx`` traces ``fn`` on fake tensors like ``args``
     into functional aten operations (vmap and the VJPs resolved, each repeated subexpression merged),
-    and that straight-line graph goes to the compiler ``torch.compile(**options)`` would use
-    (:func:`compiler`). Dynamo is not involved: interpreting hyperfunc's and torch.func's Python step by
+    and that straight-line graph goes to ``segments.backend``, the compiler ``torch.compile(**options)``
+    would use (:func:`compiler`). Dynamo is not involved: interpreting hyperfunc's and torch.func's Python step by
     step was about 95% of a warm start, and its guards on every input, checked at every call, cost about
     0.1 ms per kernel call (``unroll`` at T = 100, k = 10: 8.3 ms through ``torch.compile``, 5.5 ms
     direct). The graph is specialised to the inputs' shapes, dtypes, devices, strides and
@@ -85,19 +87,19 @@ def _compiled(fn: Callable, args: tuple, options: dict) -> Callable:
     trace langevin's kernels in 2.2-2.4 s, the real inputs in 3.4-3.8 s). Inputs that another transform
     still wraps (a vmap around ``hf.vmap``) are dynamo's to trace through, with ``torch.compile``."""
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
-        return torch.compile(_own_code(fn), **options)
+        return torch.compile(_own_code(fn), **segments.options)
     functional = torch.func.functionalize(fn, remove="mutations_and_views")
     graph = make_fx(functional, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
     merge_common_subexpressions(graph.graph)
     batch_draws(graph.graph)
     graph.recompile()
-    if options.get("disable"):
+    if segments.options.get("disable"):
         return graph
     # the example inputs as fake tensors of a mode with a shape environment, as dynamo hands them over:
     # without one, AOTAutograd's and inductor's caches are bypassed and every warm start compiles afresh
     fake = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     with torch._guards.tracing(torch._guards.TracingContext(fake)):
-        return compiler(options)(graph, [fake.from_tensor(x, static_shapes=True) for x in args])
+        return segments.backend(graph, [fake.from_tensor(x, static_shapes=True) for x in args])
 
 
 def compiler(options: dict) -> Callable:
@@ -116,7 +118,7 @@ def _signature(args: tuple) -> tuple:
     return tuple((x.shape, x.stride(), x.dtype, x.device, x.requires_grad) for x in args)
 
 
-def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
+def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset) -> Callable:
     single: dict = {}
     batched: dict = {}
 
@@ -134,7 +136,7 @@ def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
             def over(*args):
                 return torch.func.vmap(fn, in_dims=in_dims)(*args)
 
-            batched[key] = _compiled(over, args, options)
+            batched[key] = _compiled(over, args, segments)
         # an output that only broadcasts an unbatched input over the tasks comes back with batch
         # stride 0; materialised, the next kernel call sees the strides it was compiled for
         return tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[key](*args))
@@ -144,7 +146,7 @@ def _batched_kernel(fn: Kernel, options: dict, per_task: frozenset) -> Callable:
         def forward(*args):
             key = _signature(args)
             if key not in single:
-                single[key] = _compiled(fn, args, options)
+                single[key] = _compiled(fn, args, segments)
             return single[key](*args)
 
         @staticmethod

@@ -717,7 +717,7 @@ class HyperGradFunction:
     learned ``params0``; ``output(result, aux)`` adds an algorithm's diagnostics to the
     :class:`HyperGrad` (``implicit``'s residual); ``loop`` and ``outer_loss`` are the transform's.
     ``segmented`` declares that the algorithm reaches the inner steps only through ``Bound.run``,
-    ``run_vjp``, ``run_jvp``, ``outer_vjp``, ``scan`` and ``piece``, so ``hf.compile(segment=k)`` can
+    ``run_vjp``, ``run_outer_vjp``, ``run_jvp``, ``outer_vjp``, ``scan`` and ``piece``, so ``hf.compile(segment=k)`` can
     run it on compiled kernels (``segments``, set by ``hf.compile``).
     """
 
