@@ -99,7 +99,8 @@ def test_compile_time_is_flat_in_T():
 HORIZONS = {  # two horizons with the same segment lengths for K = 3 (7 = 3 + 3 + 1, 10 = 3 + 3 + 3 + 1)
     "unroll": (lambda steps: hf.unroll, 0.9),
     "drmad": (lambda steps: hf.drmad, 0.9),
-    "langevin": (lambda steps: hf.langevin(steps // 2, steps - steps // 2, 1e-3, seed=0), 0.0),
+    # burn-in and sampling are scanned apart: B = 3, 6 and M = 4 keep both scans' segment lengths
+    "langevin": (lambda steps: hf.langevin(3 * (steps // 3) - 3, steps + 3 - 3 * (steps // 3), 1e-3, seed=0), 0.0),
     "distill": (lambda steps: hf.distill(0.9, theta=1.0), 0.9),
     "greedy": (lambda steps: hf.greedy_accumulate(0.9), 0.9),
     "forward": (lambda steps: hf.forward, 0.9),

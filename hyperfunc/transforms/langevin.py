@@ -63,61 +63,71 @@ def langevin_pass(bound: Bound, B: int, M: int) -> Outcome:
     The average :math:`\frac1M \sum_{m>B} g_m` of the running sums :math:`g_m = g_0 + \sum_{j \le m} \Delta_j` is
     accumulated as :math:`g_0 + \sum_j c_j \Delta_j` with :math:`c_j = \min(M, B + M - j + 1)/M`, the share of
     averaged samples that contain :math:`\Delta_j`: no running sum is carried, and :math:`c_j` scales the
-    cotangent :math:`\alpha_j` before the step's VJP instead of the (λ-sized) products after it."""
+    cotangent :math:`\alpha_j` before the step's VJP instead of the (λ-sized) products after it. The burn-in
+    (steps ``1..B``, where :math:`c_j = 1` and no sample is averaged) and the sampling (steps ``B+1..B+M``)
+    are two scans, so the burn-in computes no direct term :math:`\partial_\lambda L_{out}`."""
     s = bound.initial()
     with_init = bound.learned_init and bound.exact_init
     # H, H_0: the averages of g_m over the last M samples, on (λ, d) and on dθ_0/dλ
     H_0 = bound.outer_vjp(s, bound.buffers, with_h=False)[1] if with_init else zeros_like(s)
-    carry = (s, *bound.zero_cotangent(), H_0)
-    b, (s, H_h, H_d, H_0) = bound.scan_blocks(  # B, M as shared counts: one kernel serves every (B, M)
-        f"langevin/{with_init}", _langevin_block(with_init), bound.buffers, carry, 0, B + M, ((B, M),)
-    )
+    b, carry = bound.buffers, (s, *bound.zero_cotangent(), H_0)
+    for first, stop, block in ((0, B, _burn_in(with_init)), (B, B + M, _sampling(with_init))):
+        b, carry = bound.scan_blocks(  # B, M as shared counts: one kernel serves every (B, M)
+            f"langevin/{block.__name__}/{with_init}", block, b, carry, first, stop, ((B, M),)
+        )
+    s, H_h, H_d, H_0 = carry
     loss = bound.outer_vjp(s, b, with_h=False)[0]
     return Outcome(HyperCotangent(H_h, H_d), loss, s, b, H_0)
 
 
-def _langevin_block(with_init: bool):
-    """Samples ``m = i0 + 1 .. i0 + n`` of Eqs. (22)-(25) as a :meth:`Bound.scan_blocks` block (shared: the
-    counts ``B, M``). The direct terms of up to :data:`DIRECT_BLOCK` samples share one VJP."""
+def _sample_step(bound, b, i, s, H_h, H_d, H_0, c, with_init: bool) -> tuple:
+    """One SGLD step ``i`` (making sample ``i + 1``) and its summand of Eq. (22), weighted by the share ``c``:
+    ``(b, s, H_h, H_d, H_0)`` after it."""
+    (s_new, b_new), pull = bound.step_vjp(s, b, i)
+    alpha = bound.outer_vjp(s_new, b_new, with_h=False)[1]
+    ct_s, ct = pull(alpha if isinstance(c, int) else scale(c, alpha))
+    H_h, H_d = HyperCotangent(H_h, H_d).plus(ct)
+    if with_init:
+        # (∇²L_out) δ as the VJP of α = ∇L_out (the Hessian is symmetric); a JVP of a gradient does not
+        # compile under an outer vmap
+        delta = axpy(-c, s, scale(c, s_new))
+        hvp = torch.func.vjp(lambda x: bound.outer_vjp(x, b, with_h=False)[1], s)[1](delta)[0]
+        H_0 = add(H_0, add(hvp, axpy(-c, alpha, ct_s)))
+    return b_new, s_new, H_h, H_d, H_0
 
-    def block(bound, b, i0, n, s, H_h, H_d, H_0, counts) -> tuple:
-        B, M = counts
-        samples, weights = [], []
+
+def _burn_in(with_init: bool):
+    """Steps ``i0 .. i0 + n - 1`` of the burn-in as a :meth:`Bound.scan_blocks` block: every one of them
+    precedes all M averaged samples (:math:`c_j = 1`), and none is a sample itself."""
+
+    def burn_in(bound, b, i0, n, s, H_h, H_d, H_0, counts) -> tuple:
         for j in range(n):
-            i = i0 + j  # the step that makes sample m = i + 1
-            c = _share(i, B, M, s)
-            (s_new, b_new), pull = bound.step_vjp(s, b, i)
-            alpha = bound.outer_vjp(s_new, b_new, with_h=False)[1]
-            ct_s, ct = pull(scale(c, alpha))
-            H_h, H_d = HyperCotangent(H_h, H_d).plus(ct)
-            if with_init:
-                # (∇²L_out) δ as the VJP of α = ∇L_out (the Hessian is symmetric); a JVP of a gradient does not
-                # compile under an outer vmap
-                delta = axpy(-c, s, scale(c, s_new))
-                hvp = torch.func.vjp(lambda x: bound.outer_vjp(x, b, with_h=False)[1], s)[1](delta)[0]
-                H_0 = add(H_0, add(hvp, axpy(-c, alpha, ct_s)))
-            s, b = s_new, b_new
-            averaged = i + 1 > B
-            if torch.is_tensor(averaged):  # in a kernel: every sample, weighted 0 in the burn-in
-                samples.append((s, b))
-                weights.append(torch.where(averaged, 1.0 / step_number(M, s), 0.0))
-            elif averaged:  # eagerly: the burn-in's samples are skipped
-                samples.append((s, b))
-                weights.append(1.0 / M)
-            if samples and (len(samples) == DIRECT_BLOCK or j == n - 1):
-                H_h = add(H_h, bound.outer_grad_h(samples, weights))
-                samples, weights = [], []
+            b, s, H_h, H_d, H_0 = _sample_step(bound, b, i0 + j, s, H_h, H_d, H_0, 1, with_init)
         return b, s, H_h, H_d, H_0
 
-    return block
+    return burn_in
 
 
-def _share(i, B, M, like) -> Any:
-    r""":math:`\min(M, B + M - i)/M`: the share of the averaged samples ``m > B`` that come at or after sample
-    ``i + 1`` (an int eagerly, a tensor of ``like``'s dtype in a kernel)."""
-    if isinstance(i, int):
-        return min(M, B + M - i) / M
-    return step_number(torch.minimum(B + M - i, M), like) / step_number(M, like)
+def _sampling(with_init: bool):
+    """Samples ``m = i0 + 1 .. i0 + n`` (all averaged, ``i0 >= B``) of Eqs. (22)-(25) as a
+    :meth:`Bound.scan_blocks` block (shared: the counts ``B, M``). The direct terms of up to
+    :data:`DIRECT_BLOCK` samples share one VJP."""
+
+    def sampling(bound, b, i0, n, s, H_h, H_d, H_0, counts) -> tuple:
+        B, M = counts
+        samples = []
+        for j in range(n):
+            i = i0 + j
+            c = step_number(B + M - i, s) / step_number(M, s)  # min(M, B + M - i)/M with i >= B
+            b, s, H_h, H_d, H_0 = _sample_step(bound, b, i, s, H_h, H_d, H_0, c, with_init)
+            samples.append((s, b))
+            if len(samples) == DIRECT_BLOCK or j == n - 1:
+                weight = 1.0 / step_number(M, s)
+                H_h = add(H_h, bound.outer_grad_h(samples, [weight] * len(samples)))
+                samples = []
+        return b, s, H_h, H_d, H_0
+
+    return sampling
 
 
 def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transform:
