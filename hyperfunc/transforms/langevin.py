@@ -162,9 +162,12 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
     Cost per step: one step VJP, one outer-loss gradient in θ, and with a learned init one outer-loss
     Hessian-vector product; the direct terms :math:`\partial_\lambda L_{out}(\theta_m)` of every
     :data:`DIRECT_BLOCK` (10) samples share one VJP in λ (:meth:`Bound.outer_grad_h`: ANIL's body is
-    pulled back once per block, not per sample). Memory O(|s| + H) plus the outer loss's activations
-    for 10 samples, flat in ``B + M``. Module buffers are carried along the chain (``res.buffers``
-    after the last sample).
+    pulled back once per block, not per sample); the ``B`` burn-in steps have no direct term. Memory
+    O(|s| + H) plus the outer loss's activations for 10 samples, flat in ``B + M``. Module buffers
+    are carried along the chain (``res.buffers`` after the last sample). Under ``hf.compile`` the
+    burn-in and the sampling are scanned apart, each in segments of k steps from its own start: a
+    new ``(B, M)`` reuses the kernels compiled for another when ``B mod k`` and ``M mod k`` are
+    unchanged (B and M enter the kernels as tensors).
 
     Example:
         >>> import hyperfunc as hf
