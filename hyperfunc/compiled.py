@@ -79,7 +79,7 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     accumulation, HPO-SGLD, HyperDistill's state average) runs k steps per kernel; the pieces that
     differentiate the step or the outer loss themselves (``implicit``'s solve at :math:`w_T`,
     ``distill``'s distilled VJP) are one kernel each. The segment length trades compile time
-    (about linear in k: ``unroll`` at T = 1000 compiles in 42.9 s cold with k = 10, 139.7 s with k = 50)
+    (about linear in k: ``unroll`` at T = 1000 compiles in 36.2 s cold with k = 10, 131.1 s with k = 50)
     for per-call overhead.
 
     Each kernel is traced once per input signature by ``make_fx`` (functionalized) into
