@@ -381,8 +381,7 @@ class Bound:
             ("map", n, st, layout.key()), _segments.segment_map(self.loop, st, layout, n), per_task
         )
         before = rng_state(s)
-        data = (*self.window(d, a, n), *self.window(others, a, n), step_index(s, a))
-        out = kernel(*s, *buffers_out(st.bkeys, b), *h, *data)
+        out = kernel(*self._segment_inputs(s, b, h, d, others, a, n))
         if not same_rng_state(before, rng_state(s)):
             raise ValueError(
                 "hf.compile(segment=k) needs an inner step without random draws (dropout, torch.rand): the "
@@ -390,6 +389,12 @@ class Bound:
                 "(with checkpoint_every, which replays the random state)"
             )
         return out[: st.n_state], buffers_in(st.bkeys, out[st.n_state :])
+
+    def _segment_inputs(self, s: Leaves, b: Any, h: Leaves, d: Leaves, others: Leaves, a: int, n: int) -> tuple:
+        """The inputs every segment kernel starts with (:func:`_segments._inputs`' layout): the state, the
+        buffers, λ, the prepared batches' window of steps ``a..a+n-1`` and the index of step ``a``."""
+        window = (*self.window(d, a, n), *self.window(others, a, n))
+        return (*s, *buffers_out(self.structure().bkeys, b), *h, *window, step_index(s, a))
 
     def segments_vjp(self, s: Leaves, b: Any, start: int, stop: int):
         """:meth:`run_vjp` by segment kernels: the forward keeps each segment's first state, the pullback
@@ -419,10 +424,7 @@ class Bound:
             range(st.n_state + st.n_buffers),
         )
         s_a, b_a = states[-1]
-        out = kernel(
-            *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
-            step_index(s_a, a), *batch,
-        )  # fmt: skip
+        out = kernel(*self._segment_inputs(s_a, b_a, self.h, d, others, a, n), *batch)
         (loss,), final, b_final, ct_s, ct_h, ct_d = split(out, 1, st.n_state, st.n_buffers, st.n_state, len(self.h))
         acc_d, pieces = (ct_d, []) if self.loop.full_batch else ((), [ct_d])
         ct_s, cot = self.segments_pull(chunks[:-1], states, ct_s, ct_h, acc_d, pieces, start, stop)
@@ -451,10 +453,7 @@ class Bound:
         per_task = [*range(state_end), *range(data_end, data_end + st.n_state + len(self.h) + n_acc_d)]
         kernels = self.segments.kernel
         for (a, n), (s_a, b_a) in reversed(list(zip(chunks, states))):
-            args = (
-                *s_a, *buffers_out(st.bkeys, b_a), *self.h, *self.window(d, a, n), *self.window(others, a, n),
-                step_index(s_a, a), *ct_s, *ct_h, *ct_d,
-            )  # fmt: skip
+            args = (*self._segment_inputs(s_a, b_a, self.h, d, others, a, n), *ct_s, *ct_h, *ct_d)
             kernel = kernels(("vjp", n, st, layout.key()), _segments.segment_vjp(self.loop, st, layout, n), per_task)
             ct_s, ct_h, ct_d_a = split(kernel(*args), st.n_state, len(self.h))
             if self.loop.full_batch:
@@ -477,10 +476,7 @@ class Bound:
                 ("jvp", n, st, layout.key()), _segments.segment_jvp(self.loop, st, layout, n), per_task
             )
             Zd = tangents.Zd if self.loop.full_batch else tuple(x[:, a : a + n] for x in tangents.Zd)
-            out = kernel(
-                *s, *buffers_out(st.bkeys, b), *self.h, *self.window(d, a, n), *self.window(others, a, n),
-                step_index(s, a), *Z, *tangents.E, *Zd,
-            )  # fmt: skip
+            out = kernel(*self._segment_inputs(s, b, self.h, d, others, a, n), *Z, *tangents.E, *Zd)
             s, b, Z = split(out, st.n_state, st.n_buffers)
             b = buffers_in(st.bkeys, b)
         return s, b, Z

@@ -71,10 +71,9 @@ def langevin_pass(bound: Bound, B: int, M: int) -> Outcome:
     # H, H_0: the averages of g_m over the last M samples, on (λ, d) and on dθ_0/dλ
     H_0 = bound.outer_vjp(s, bound.buffers, with_h=False)[1] if with_init else zeros_like(s)
     b, carry = bound.buffers, (s, *bound.zero_cotangent(), H_0)
-    for first, stop, block in ((0, B, _burn_in(with_init)), (B, B + M, _sampling(with_init))):
-        b, carry = bound.scan_blocks(  # B, M as shared counts: one kernel serves every (B, M)
-            f"langevin/{block.__name__}/{with_init}", block, b, carry, first, stop, ((B, M),)
-        )
+    # the sampling takes B, M as shared counts: one kernel serves every (B, M); the burn-in needs neither
+    for first, stop, block, shared in ((0, B, _burn_in(with_init), ()), (B, B + M, _sampling(with_init), ((B, M),))):
+        b, carry = bound.scan_blocks(f"langevin/{block.__name__}/{with_init}", block, b, carry, first, stop, shared)
     s, H_h, H_d, H_0 = carry
     loss = bound.outer_vjp(s, b, with_h=False)[0]
     return Outcome(HyperCotangent(H_h, H_d), loss, s, b, H_0)
@@ -100,7 +99,7 @@ def _burn_in(with_init: bool):
     """Steps ``i0 .. i0 + n - 1`` of the burn-in as a :meth:`Bound.scan_blocks` block: every one of them
     precedes all M averaged samples (:math:`c_j = 1`), and none is a sample itself."""
 
-    def burn_in(bound, b, i0, n, s, H_h, H_d, H_0, counts) -> tuple:
+    def burn_in(bound, b, i0, n, s, H_h, H_d, H_0) -> tuple:
         for j in range(n):
             b, s, H_h, H_d, H_0 = _sample_step(bound, b, i0 + j, s, H_h, H_d, H_0, 1, with_init)
         return b, s, H_h, H_d, H_0
