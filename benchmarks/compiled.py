@@ -8,6 +8,9 @@ mean of dF/d(body); the "max rel. err." column checks it against hyperfunc's eag
 Routes:
 - floor: the inner loop alone, hand-written, batched over tasks (one ``bmm`` per op), no graph:
   eager (in place), and compiled (a ``torch.compile``'d k-step segment in a Python loop);
+- lower bound: the compiled floor plus the body's work that every hypergradient in the body does
+  whatever its method: the features of the inner and outer batches and one pullback through the
+  body for each (compiled whole). The floor leaves that work out; at T = 10 it outweighs the steps;
 - hyperfunc eager: ``torch.func.vmap(hg)``; ``torch.compile(torch.func.vmap(hg))`` (whole loop traced,
   T = 10 only: its compile time grows with T); ``hf.compile(hf.vmap(hg), segment=k)``, and with
   ``--cpp-wrapper`` also with ``options={"cpp_wrapper": True}`` (inductor's C++ wrapper);
@@ -147,6 +150,23 @@ def floor_compiled(steps: int):
         return w, b
 
     return run
+
+
+def body_work(problem, args):
+    """The body's part of any hypergradient in the body, compiled: the features of the inner and the
+    outer batch and one VJP through the body for each (the inner features' cotangent a fixed tensor,
+    the outer one from the outer loss at the initial heads). No inner step."""
+    hparams, heads, inner, outer = args
+    features = problem.loop.prepare(hparams, inner)[0]
+    cotangent = torch.randn(features.shape, generator=torch.Generator().manual_seed(0))
+
+    def work(h):
+        f = problem.loop.prepare(h, inner)[0]
+        outer_losses = torch.func.vmap(problem.outer_loss, in_dims=(0, None, 0))(heads, h, outer)
+        return outer_losses.sum() + (f * cotangent).sum()
+
+    grad = torch.compile(torch.func.grad(work), fullgraph=True)
+    return lambda: grad(hparams)
 
 
 # -- the peers --------------------------------------------------------------------------------------
@@ -302,10 +322,11 @@ def speed_table(
     problem, hg, args = make("unroll", steps)
     reference = mean_grads(torch.func.vmap(hg, in_dims=IN_DIMS)(*args))
     fin = floor_inputs(problem, args)
-    compiled_floor = floor_compiled(steps)
+    compiled_floor, body = floor_compiled(steps), body_work(problem, args)
     routes = {
         "floor, hand-written, eager": (lambda: floor_eager(*fin, steps), None),
         "floor, hand-written, compiled": (lambda: compiled_floor(*fin), None),
+        "lower bound: compiled floor + body fwd/bwd": (lambda: (compiled_floor(*fin), body()), None),
     }
     if peers:
         peer_fns = {

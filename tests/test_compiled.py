@@ -67,6 +67,60 @@ def test_compiled_segments_equal_eager_without_recompiling(name):
     assert frames[0] <= 9 and frames[2] == frames[1] == frames[0], frames
 
 
+def _within_one_segment(name):
+    """SEGMENTED's transform ``name`` on ANIL with T = 3 (langevin: B = 1, M = 2), to compile with k = 4."""
+    transform, momentum = SEGMENTED[name]
+    if name == "langevin":
+        transform = hf.langevin(1, 2, 1e-5, seed=0)
+    prob = _anil(3, momentum)
+    return prob, transform(prob.loop, prob.outer_loss)
+
+
+@pytest.mark.filterwarnings("ignore:implicit. w_T is not a stationary point")
+@pytest.mark.parametrize("name", list(SEGMENTED))
+def test_a_horizon_within_one_segment_is_one_kernel(name):
+    """T <= k: the whole call is one kernel traced from the eager algorithm, which hf.vmap calls on the
+    tasks' tensors without entering vmap. Equal to eager, returned as vmap returns it (the result's type,
+    the TensorDicts' batch sizes), and new values compile nothing."""
+    prob, hg = _within_one_segment(name)
+    counter = torch._dynamo.testing.CompileCounter()
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=4, backend=counter)
+    for seed in range(2):
+        args = sinusoid_args(prob, seed)
+        res, ref = fast(*args), torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
+        assert type(res) is type(ref)
+        for got, want in ((res.grads, ref.grads), (res.params, ref.params)):
+            assert [x.shape for x in got.values(True)] == [x.shape for x in want.values(True)]  # nested: batch sizes
+            assert got.batch_size == want.batch_size == (2,)
+            tree_close(got, want, rtol=1e-10, atol=1e-12)
+        for got, want in zip(res[1:], ref[1:]):
+            if torch.is_tensor(want):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1
+
+
+def test_one_segment_follows_vmaps_in_dims():
+    """The direct route reads in_dims as vmap does: an int for every argument, a batch dimension other than
+    0, a mismatch of batch sizes (vmap's own error), and vmap around it (the kernel under two levels)."""
+    prob, hg = _within_one_segment("unroll")
+    h, w0, batches, val = sinusoid_args(prob, 0)
+    ref = torch.func.vmap(hg, in_dims=IN_DIMS)(h, w0, batches, val)
+    moved = tuple(x.movedim(0, 1) for x in batches)
+    fast = hf.compile(hf.vmap(hg, in_dims=(None, None, 1, 0)), segment=4, backend="eager")
+    tree_close(fast(h, w0, moved, val).grads, ref.grads, rtol=1e-10, atol=1e-12)
+    per_task = (torch.stack([h, h]), torch.stack([w0, w0]), batches, val)
+    fast = hf.compile(hf.vmap(hg, in_dims=0), segment=4, backend="eager")
+    tree_close(fast(*per_task).grads, ref.grads, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="same size in the mapped dimension"):
+        fast(*per_task[:3], tuple(x[:1] for x in val))
+    both = torch.stack([h, h.apply(lambda x: 1.1 * x)])
+    outer = (0, None, None, None)
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=4, backend="eager")
+    got = torch.func.vmap(fast, in_dims=outer)(both, w0, batches, val)
+    want = torch.func.vmap(hf.vmap(hg, in_dims=IN_DIMS), in_dims=outer)(both, w0, batches, val)
+    tree_close(got.grads, want.grads, rtol=1e-10, atol=1e-12)
+
+
 def test_losses_closing_over_tensors_compile_and_follow_their_updates():
     """A tensor a loss closes over (a fixed target, a mask) becomes a constant of the traced kernel
     graph, held by reference, so an in-place update of it reaches the next call."""
@@ -174,6 +228,8 @@ def test_compile_one_task_and_learned_init_with_buffers(name):
     res, ref = fast(hparams, learned_init, batches, val, buffers), hg(hparams, learned_init, batches, val, buffers)
     tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
     tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=0)
+    whole = hf.compile(hg, segment=3, backend="eager")  # T = 3 <= k: one kernel
+    tree_close(whole(hparams, learned_init, batches, val, buffers).grads, ref.grads, rtol=1e-10, atol=1e-12)
 
 
 def test_inductor_segments_equal_eager_float32():
@@ -244,6 +300,8 @@ def test_random_draws_in_the_step_are_refused():
     h, w0 = TensorDict({"l2": torch.tensor(0.1, dtype=DT)}, []), TensorDict({"w": torch.zeros(3, dtype=DT)}, [])
     with pytest.raises(ValueError, match="random draws"):
         fast(h, w0, (x, y), (x, y))
+    with pytest.raises(ValueError, match="random draws"):  # T <= k: one kernel, refused alike
+        hf.compile(hg, segment=4, backend="eager")(h, w0, (x, y), (x, y))
 
 
 def test_per_step_batches_through_prepare():

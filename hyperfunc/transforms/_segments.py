@@ -29,6 +29,7 @@ import torch
 import torch._C._functorch as _functorch
 import torch._functorch.pyfunctorch as _pyfunctorch
 import torch.utils._pytree as pytree
+from tensordict import TensorDictBase
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -55,6 +56,10 @@ class Segments:
     kernels: dict = field(default_factory=dict, compare=False, repr=False)
     #: the layout of ``prepare``'s output per input structure, learned by one eager run in the first call
     prepared: dict = field(default_factory=dict, compare=False, repr=False)
+    #: the layout of a whole call's result per input structure (:func:`whole_call`), learned by its trace
+    results: dict = field(default_factory=dict, compare=False, repr=False)
+    #: ``(spec, Layout.key())`` of the whole calls' inputs seen so far
+    structures: list = field(default_factory=list, compare=False, repr=False)
 
     def kernel(self, key: tuple, fn: Kernel, per_task: range) -> Callable:
         """The compiled kernel for ``key`` (built from ``fn`` on first use). The inputs at positions
@@ -162,6 +167,7 @@ def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset) -> Call
         out = _under_vmap(over_tasks, args)
         return _Kernel.apply(*args) if out is None else out
 
+    call.over_tasks = over_tasks  # for a caller that holds the tasks' physical tensors itself (whole_call_over_tasks)
     return call
 
 
@@ -411,3 +417,111 @@ def segment_outer_vjp(
         return (loss, *s_new, *b_new, *ct_s, *ct_h, *ct_d)
 
     return kernel
+
+
+def rng_state(leaves: Leaves) -> tuple:
+    """The global random states that a segment's steps may draw from: CPU, and the CUDA devices of ``leaves``."""
+    cuda = sorted({x.device for x in leaves if x.device.type == "cuda"}, key=str)
+    return torch.get_rng_state(), tuple((d, torch.cuda.get_rng_state(d)) for d in cuda)
+
+
+def set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, value in cuda:
+        torch.cuda.set_rng_state(value, device)
+
+
+def check_no_draws(before: tuple, leaves: Leaves) -> None:
+    """Refuse a compiled call whose kernels drew from the global random state (``before``: its state
+    before them, from :func:`rng_state`; ``leaves``: tensors on the devices drawn from)."""
+    after = rng_state(leaves)
+    if not (torch.equal(before[0], after[0]) and all(torch.equal(x, y) for (_, x), (_, y) in zip(before[1], after[1]))):
+        raise ValueError(
+            "hf.compile(segment=k) needs an inner step without random draws (dropout, torch.rand): the "
+            "segment VJP recomputes the forward and would draw different numbers; use the eager transform "
+            "(with checkpoint_every, which replays the random state)"
+        )
+
+
+def whole_call(outcome: Callable, segments: Segments, args: tuple) -> Any:
+    r"""``outcome(*args)`` (a transform's call with at most k inner steps) as one compiled kernel.
+
+    For a horizon within one segment, the segments' several kernels (``prepare``, the segment, its
+    VJP, the outer gradient, ``prepare``'s VJP) and the Python between them cost more than the steps
+    (ANIL at T = 10: about 0.7 of 1.8 ms); the whole algorithm is traced instead, so its graph grows
+    with T only up to k. Called under ``vmap`` (or for one task) like the other kernels; see
+    :func:`whole_call_over_tasks` for ``hf.vmap``'s direct route."""
+    layout, _, tensors = Layout.of(args, False)
+    tensors = tuple(x.detach() for x in tensors)  # Bound.bind detaches them too
+    key = _whole_key(segments, layout, tuple(x.shape for x in tensors), tensors)
+    before = rng_state(tensors)
+    out = _whole_kernel(outcome, segments, key, layout)(*tensors)
+    check_no_draws(before, tensors)
+    return segments.results[key].rebuild((), out)
+
+
+def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in_dims: Any) -> Any:
+    """``torch.func.vmap(outcome, in_dims)(*args)`` by :func:`whole_call`'s kernel called on the tasks'
+    tensors directly: ``vmap``'s own entry and exit (wrapping every input, and TensorDict's handling of
+    batched inputs and outputs) cost about as much as the kernel at T = 10. The result is rebuilt as
+    ``vmap`` returns it (tensors batched at dim 0, TensorDicts with the task dimension first in their
+    batch size). None when ``in_dims`` do not give each argument one dimension (an int or None), the
+    batch sizes differ, or an input is another transform's: ``vmap`` then runs (and raises its errors)."""
+    in_dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+    if len(in_dims) != len(args) or any(d is not None and type(d) is not int for d in in_dims):
+        return None
+    layout, _, tensors = Layout.of(args, False)
+    dims = [d for d, arg in zip(in_dims, layout.spec.children()) for _ in range(arg.num_leaves)]
+    tensor_dims, sizes, shapes = [], set(), []
+    for fixed, d in zip(layout.fixed, dims):
+        if fixed is not None and d is not None:  # vmap refuses a dimension for a non-tensor
+            return None
+    for x, d in zip(tensors, (d for d, f in zip(dims, layout.diff) if f is not None)):
+        if _functorch.is_functorch_wrapped_tensor(x) or (d is not None and not -x.dim() <= d < x.dim()):
+            return None
+        if d is not None:
+            d %= x.dim()
+            sizes.add(x.shape[d])
+        tensor_dims.append(d)
+        shapes.append(x.shape if d is None else x.shape[:d] + x.shape[d + 1 :])
+    if len(sizes) != 1:
+        return None
+    tensors = tuple(x.detach() for x in tensors)
+    key = _whole_key(segments, layout, tuple(shapes), tensors)
+    before = rng_state(tensors)
+    (n,) = sizes
+    out = _whole_kernel(outcome, segments, key, layout).over_tasks(n, tuple(tensor_dims), tensors)
+    check_no_draws(before, tensors)
+    result = segments.results[key].rebuild((), out)
+    return pytree.tree_map(lambda x: _with_task_dim(x, n), result, is_leaf=lambda x: isinstance(x, TensorDictBase))
+
+
+def _whole_key(segments: Segments, layout: Layout, shapes: tuple, tensors: Leaves) -> tuple:
+    """The kernel key of a whole call: the inputs' structure and their per-task shapes, dtypes and devices.
+    The structure's key is looked up by the spec's equality (a few µs) rather than rebuilt (its string
+    takes tens of µs for nested TensorDicts)."""
+    for spec, structure in segments.structures:
+        if spec == layout.spec and structure[1] == layout.fixed:
+            break
+    else:
+        structure = layout.key()
+        segments.structures.append((layout.spec, structure))
+    return ("whole", structure, shapes, tuple((x.dtype, x.device) for x in tensors))
+
+
+def _whole_kernel(outcome: Callable, segments: Segments, key: tuple, layout: Layout) -> Callable:
+    def kernel(*flat):
+        result_layout, _, out = Layout.of(outcome(*layout.rebuild((), flat)), False)
+        segments.results[key] = result_layout  # learned when traced (the same for every signature of the key)
+        return out
+
+    return segments.kernel(key, kernel, ())
+
+
+def _with_task_dim(x: Any, n: int) -> Any:
+    """A per-task result's TensorDict with the task dimension ``n`` prepended to its batch size, as
+    ``vmap`` returns it (its leaves already carry the dimension)."""
+    if isinstance(x, TensorDictBase):
+        x.batch_size = torch.Size([n]) + x.batch_size
+    return x

@@ -33,7 +33,16 @@ from tensordict import TensorDictBase
 from .._tree import Keys, Leaves, add, build, check_same_keys, check_tensordict, keys_of, leaves_of, scale
 from ..loop import InnerLoop, Loss, call_loss, module_buffers
 from . import _segments
-from ._segments import Layout, Segments, Structure, buffers_in, buffers_out, split
+from ._segments import (
+    Layout,
+    Segments,
+    Structure,
+    buffers_in,
+    buffers_out,
+    check_no_draws,
+    rng_state,
+    split,
+)
 
 if TYPE_CHECKING:
     from .forward import Tangents
@@ -382,12 +391,7 @@ class Bound:
         )
         before = rng_state(s)
         out = kernel(*self._segment_inputs(s, b, h, d, others, a, n))
-        if not same_rng_state(before, rng_state(s)):
-            raise ValueError(
-                "hf.compile(segment=k) needs an inner step without random draws (dropout, torch.rand): the "
-                "segment VJP recomputes the forward and would draw different numbers; use the eager transform "
-                "(with checkpoint_every, which replays the random state)"
-            )
+        check_no_draws(before, s)
         return out[: st.n_state], buffers_in(st.bkeys, out[st.n_state :])
 
     def _segment_inputs(self, s: Leaves, b: Any, h: Leaves, d: Leaves, others: Leaves, a: int, n: int) -> tuple:
@@ -687,23 +691,6 @@ def step_index(s: Leaves, a: int) -> torch.Tensor:
     return torch.full((), a, dtype=torch.int64, device=s[0].device)
 
 
-def rng_state(leaves: Leaves) -> tuple:
-    """The global random states that a segment's steps may draw from: CPU, and the CUDA devices of ``leaves``."""
-    cuda = sorted({x.device for x in leaves if x.device.type == "cuda"}, key=str)
-    return torch.get_rng_state(), tuple((d, torch.cuda.get_rng_state(d)) for d in cuda)
-
-
-def set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    for device, value in cuda:
-        torch.cuda.set_rng_state(value, device)
-
-
-def same_rng_state(a: tuple, b: tuple) -> bool:
-    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for (_, x), (_, y) in zip(a[1], b[1]))
-
-
 @dataclass(frozen=True, repr=False)
 class HyperGradFunction:
     """``hg(hparams, params0, inner_batches, outer_batch, buffers=None) -> HyperGrad``: an algorithm bound
@@ -729,11 +716,36 @@ class HyperGradFunction:
     def __repr__(self) -> str:  # dataclasses' repr guards recursion with a thread id torch.compile cannot trace
         return f"HyperGradFunction({self.name})"
 
+    @property
+    def whole(self) -> bool:
+        """Whether a call runs as one compiled kernel: compiled by ``hf.compile`` with at most k inner steps."""
+        return self.segments is not None and self.loop.steps <= self.segments.size
+
     def __call__(self, hparams, params0, inner_batches, outer_batch, buffers=None):
+        args = (hparams, params0, inner_batches, outer_batch, buffers)
+        if self.whole:
+            result, aux = _segments.whole_call(replace(self, segments=None).outcome, self.segments, args)
+        else:
+            result, aux = self.outcome(*args)
+        return result if self.output is None else self.output(result, aux)
+
+    def over_tasks(self, in_dims: Any, args: tuple) -> Any:
+        """``torch.func.vmap(self, in_dims)(*args)`` by the whole-call kernel batched over the tasks, without
+        entering ``vmap`` (what ``hf.vmap`` runs when :attr:`whole`); None when ``args`` or ``in_dims`` are
+        not plain (leave them to ``vmap``, which also raises its errors)."""
+        if not 4 <= len(args) <= 5:
+            return None
+        out = _segments.whole_call_over_tasks(replace(self, segments=None).outcome, self.segments, args, in_dims)
+        if out is None:
+            return None
+        result, aux = out
+        return result if self.output is None else self.output(result, aux)
+
+    def outcome(self, hparams, params0, inner_batches, outer_batch, buffers=None) -> tuple[HyperGrad, Any]:
+        """``(HyperGrad, aux)``: the algorithm's result and its diagnostics, before ``output`` adds them."""
         bound = self.bind(hparams, params0, inner_batches, outer_batch, buffers)
         out = self.algorithm(bound)
-        result = bound.finish(out, self.init_rule, self.name)
-        return result if self.output is None else self.output(result, out.aux)
+        return bound.finish(out, self.init_rule, self.name), out.aux
 
     def bind(self, hparams, params0, inner_batches, outer_batch, buffers=None) -> Bound:
         """The bound problem of one call (what the algorithm receives)."""

@@ -14,6 +14,7 @@ import torch
 from .._checks import check_int
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
+from ._segments import rng_state, set_rng_state
 from .base import (
     HyperCotangent,
     HyperGradFunction,
@@ -22,8 +23,6 @@ from .base import (
     Transform,
     make_transform,
     refuse_loop,
-    rng_state,
-    set_rng_state,
     step_number,
 )
 
