@@ -56,7 +56,8 @@ class Segments:
     kernels: dict = field(default_factory=dict, compare=False, repr=False)
     #: the layout of ``prepare``'s output per input structure, learned by one eager run in the first call
     prepared: dict = field(default_factory=dict, compare=False, repr=False)
-    #: the layout of a whole call's result per input structure (:func:`whole_call`), learned by its trace
+    #: the layout of a whole call's result per input structure (:func:`whole_call`), learned by its trace,
+    #: and with ``(key, n)`` that of ``hf.vmap``'s result over ``n`` tasks (:func:`whole_call_over_tasks`)
     results: dict = field(default_factory=dict, compare=False, repr=False)
     #: ``(spec, Layout.key())`` of the whole calls' inputs seen so far
     structures: list = field(default_factory=list, compare=False, repr=False)
@@ -493,8 +494,12 @@ def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in
     (n,) = sizes
     out = _whole_kernel(outcome, segments, key, layout).over_tasks(n, tuple(tensor_dims), tensors)
     check_no_draws(before, tensors)
+    if (key, n) in segments.results:  # the layout with the task dimension in the batch sizes
+        return segments.results[key, n].rebuild((), out)
     result = segments.results[key].rebuild((), out)
-    return pytree.tree_map(lambda x: _with_task_dim(x, n), result, is_leaf=lambda x: isinstance(x, TensorDictBase))
+    result = pytree.tree_map(lambda x: _with_task_dim(x, n), result, is_leaf=lambda x: isinstance(x, TensorDictBase))
+    segments.results[key, n] = Layout.of(result, False)[0]
+    return result
 
 
 def _whole_key(segments: Segments, layout: Layout, shapes: tuple, tensors: Leaves) -> tuple:
