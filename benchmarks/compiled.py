@@ -10,7 +10,8 @@ Routes:
   eager (in place), and compiled (a ``torch.compile``'d k-step segment in a Python loop);
 - lower bound: the compiled floor plus the body's work that every hypergradient in the body does
   whatever its method: the features of the inner and outer batches and one pullback through the
-  body for each (compiled whole). The floor leaves that work out; at T = 10 it outweighs the steps;
+  body for each (a second compiled call, whose fixed cost a fused route does not pay). The floor
+  leaves that work out; at T = 10 it outweighs the steps;
 - hyperfunc eager: ``torch.func.vmap(hg)``; ``torch.compile(torch.func.vmap(hg))`` (whole loop traced,
   T = 10 only: its compile time grows with T); ``hf.compile(hf.vmap(hg), segment=k)``, and with
   ``--cpp-wrapper`` also with ``options={"cpp_wrapper": True}`` (inductor's C++ wrapper);

@@ -85,8 +85,8 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     to k, and which ``hf.vmap`` calls on the tasks' tensors without entering ``vmap`` (whose entry
     and exit, with TensorDict inputs, cost as much as the kernel's own wrapper at T = 10). On ANIL
     sinusoids at T = 10, ``python benchmarks/compiled.py --steps 10 --no-peers`` measured 0.7-1.4 ms
-    per meta-batch of 10 (2.2x-4.3x the compiled floor of the inner loop alone; the body's forward and
-    backward alone make it 2.8x) where segments took 2.3-3.8 ms.
+    per meta-batch of 10 (2.2x-4.3x the compiled floor of the inner loop alone, to which the body's
+    forward and backward add 1.4x-1.8x) where segments took 2.3-3.8 ms.
 
     Forward mode adds the segment's tangent map :math:`Z_{a+k} = \partial s_{a+k}/\partial(s_a, \lambda, D)
     \cdot (Z_a, E, Z_D)`; a transform's per-step recursion (DrMAD's backward travel, the greedy
