@@ -232,6 +232,27 @@ def test_compile_one_task_and_learned_init_with_buffers(name):
     tree_close(whole(hparams, learned_init, batches, val, buffers).grads, ref.grads, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("segment", [2, 4])  # T = 3: segments of 2 + 1, or one whole-call kernel
+@pytest.mark.parametrize("name", list(LEARNED_INIT))
+def test_module_buffers_per_task_under_hf_vmap(name, segment):
+    """BatchNorm's running statistics, one set per task, come out of the batched kernels as eager vmap
+    returns them. (Traced with views replaced by copies they came back unchanged: batch norm's batching
+    rule writes the statistics through a view.)"""
+    transform, momentum = LEARNED_INIT[name]
+    loop, outer, hparams, buffers = problem(conv_bn(), steps=3)
+    if not momentum:
+        loop = dataclasses.replace(loop, optimizer=hf.optim.sgd(lr=0.05))
+    (x, y), (xv, yv) = data(steps=3)
+    batches, val = (torch.stack([x, 1.1 * x]), torch.stack([y, y])), (torch.stack([xv, xv]), torch.stack([yv, yv]))
+    args, in_dims = (hparams, learned_init, batches, val, torch.stack([buffers, buffers])), (None, None, 0, 0, 0)
+    hg = transform(loop, outer)
+    res = hf.compile(hf.vmap(hg, in_dims=in_dims), segment=segment, backend="eager")(*args)
+    ref = torch.func.vmap(hg, in_dims=in_dims)(*args)
+    assert not torch.equal(ref.buffers["1", "running_mean"], args[-1]["1", "running_mean"])
+    tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=1e-14)
+    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+
+
 def test_inductor_segments_equal_eager_float32():
     prob = _anil(5, dtype=torch.float32)
     hg = hf.unroll(prob.loop, prob.outer_loss)

@@ -82,7 +82,9 @@ def _own_code(fn: Callable) -> Callable:
 
 def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     """``fn`` compiled for inputs like ``args``: ``make_fx`` traces ``fn`` on fake tensors like ``args``
-    into functional aten operations (vmap and the VJPs resolved, each repeated subexpression merged),
+    into aten operations without mutations (vmap and the VJPs resolved, each repeated subexpression
+    merged; views stay views: replaced by copies, the running statistics that batch norm's batching
+    rule writes through a view were lost),
     and that straight-line graph goes to ``segments.backend``, the compiler ``torch.compile(**options)``
     would use (:func:`compiler`). Dynamo is not involved: interpreting hyperfunc's and torch.func's Python step by
     step was about 95% of a warm start, and its guards on every input, checked at every call, cost about
@@ -94,7 +96,7 @@ def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     still wraps (a vmap around ``hf.vmap``) are dynamo's to trace through, with ``torch.compile``."""
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return torch.compile(_own_code(fn), **segments.options)
-    functional = torch.func.functionalize(fn, remove="mutations_and_views")
+    functional = torch.func.functionalize(fn, remove="mutations")
     graph = make_fx(functional, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
     merge_common_subexpressions(graph.graph)
     batch_draws(graph.graph)
