@@ -82,6 +82,19 @@ def test_fullgraph_compile_with_buffers_and_learned_init(transform):
     assert counter.frame_count == 1
 
 
+def test_fullgraph_compile_with_per_task_buffers():
+    """Two tasks under vmap, each with its own BatchNorm statistics, through AOTAutograd's
+    functionalization (aot_eager): the statistics the batching rule writes come back as eager's."""
+    loop, outer, hparams, buffers = problem(conv_bn(), steps=2)
+    (x, y), (xv, yv) = data(steps=2)
+    batches, val = (torch.stack([x, 1.1 * x]), torch.stack([y, y])), (torch.stack([xv, xv]), torch.stack([yv, yv]))
+    hg = torch.func.vmap(hf.unroll(loop, outer), in_dims=(None, None, 0, 0, 0))
+    args = (hparams, learned_init, batches, val, torch.stack([buffers, buffers]))
+    res, ref = torch.compile(hg, backend="aot_eager", fullgraph=True)(*args), hg(*args)
+    tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=1e-14)
+    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+
+
 def test_fullgraph_compile_float32_through_aot_autograd():
     """float32 through AOTAutograd's decompositions (what inductor receives): equal to eager to 1e-5."""
     problem32 = hf.tasks.anil_sinusoid(steps=T, hidden=8)
