@@ -90,7 +90,8 @@ def test_fullgraph_compile_with_per_task_buffers():
     batches, val = (torch.stack([x, 1.1 * x]), torch.stack([y, y])), (torch.stack([xv, xv]), torch.stack([yv, yv]))
     hg = torch.func.vmap(hf.unroll(loop, outer), in_dims=(None, None, 0, 0, 0))
     args = (hparams, learned_init, batches, val, torch.stack([buffers, buffers]))
-    res, ref = torch.compile(hg, backend="aot_eager", fullgraph=True)(*args), hg(*args)
+    torch._dynamo.reset()  # shapes the earlier tests traced would be made dynamic ("automatic dynamic")
+    res, ref = torch.compile(hg, backend="aot_eager", fullgraph=True, dynamic=False)(*args), hg(*args)
     tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=1e-14)
     tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
 

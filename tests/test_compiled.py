@@ -121,6 +121,23 @@ def test_one_segment_follows_vmaps_in_dims():
     tree_close(got.grads, want.grads, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:implicit. w_T is not a stationary point")
+@pytest.mark.parametrize("name", list(SEGMENTED))
+def test_per_task_hyperparameters_and_initial_params(name):
+    """in_dims = 0 for every argument: each task its own λ and w_0, by segments. (distill's running
+    average starts as the state itself, one tensor in two kernel inputs: traced on one fake tensor, the
+    two were one graph input, and a batched w_0 gave a wrong answer.)"""
+    transform, momentum = SEGMENTED[name]
+    prob = _anil(T, momentum)
+    hg = transform(prob.loop, prob.outer_loss)
+    h, w0, batches, val = sinusoid_args(prob, 0)
+    args = (torch.stack([h, h.apply(lambda x: 1.1 * x)]), torch.stack([w0, 0.5 * w0]), batches, val)
+    res = hf.compile(hf.vmap(hg, in_dims=0), segment=K, backend=torch._dynamo.testing.CompileCounter())(*args)
+    ref = torch.func.vmap(hg, in_dims=0)(*args)
+    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+    tree_close(res.params, ref.params, rtol=1e-10, atol=1e-12)
+
+
 def test_losses_closing_over_tensors_compile_and_follow_their_updates():
     """A tensor a loss closes over (a fixed target, a mask) becomes a constant of the traced kernel
     graph, held by reference, so an in-place update of it reaches the next call."""

@@ -96,6 +96,7 @@ def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     still wraps (a vmap around ``hf.vmap``) are dynamo's to trace through, with ``torch.compile``."""
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return torch.compile(_own_code(fn), **segments.options)
+    args = _distinct(args)
     functional = torch.func.functionalize(fn, remove="mutations")
     graph = make_fx(functional, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
     merge_common_subexpressions(graph.graph)
@@ -108,6 +109,21 @@ def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     fake = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     with torch._guards.tracing(torch._guards.TracingContext(fake)):
         return segments.backend(graph, [fake.from_tensor(x, static_shapes=True) for x in args])
+
+
+def _distinct(args: tuple) -> tuple:
+    """``args`` with a tensor passed more than once replaced, after its first place, by a view of itself
+    (same metadata): traced on one fake tensor, the places would become one graph input, and a later
+    call with different tensors there (``distill``'s running average starts as the state itself) would
+    read the wrong one."""
+    seen: set = set()
+    out = []
+    for x in args:
+        if id(x) in seen:
+            x = x.view(x.shape)
+        seen.add(id(x))
+        out.append(x)
+    return tuple(out)
 
 
 def compiler(options: dict) -> Callable:
