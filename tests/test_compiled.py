@@ -270,10 +270,11 @@ def test_module_buffers_per_task_under_hf_vmap(name, segment):
     tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
 
 
-def test_inductor_segments_equal_eager_float32():
+@pytest.mark.parametrize("segment", [2, 5])  # inductor: 2 + 2 + 1, and the whole call as one kernel
+def test_inductor_segments_equal_eager_float32(segment):
     prob = _anil(5, dtype=torch.float32)
     hg = hf.unroll(prob.loop, prob.outer_loss)
-    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=2)  # inductor: 2 + 2 + 1
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=segment)
     args = sinusoid_args(prob, 0, torch.float32)
     res, ref = fast(*args), torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
     tree_close(res.grads, ref.grads, rtol=1e-5, atol=1e-6)
