@@ -138,6 +138,24 @@ def test_per_task_hyperparameters_and_initial_params(name):
     tree_close(res.params, ref.params, rtol=1e-10, atol=1e-12)
 
 
+def test_one_segment_tells_a_none_from_a_tensor_in_the_same_place():
+    """Two calls whose inputs differ only by which of two places holds the tensor and which None have the
+    same tree structure and shapes; the kernel key keeps them apart (each place's kind is in it)."""
+    loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum(),
+                        hf.optim.sgd(lr=0.1), steps=2, full_batch=True)  # fmt: skip
+
+    def outer(p, h, batch):
+        a, b = batch
+        return ((p["w"] - (a if a is not None else 2 * b)) ** 2).sum()
+
+    hg = hf.unroll(loop, outer)
+    fast = hf.compile(hg, segment=4, backend="eager")
+    h, w0 = TensorDict({"l2": torch.tensor(0.5, dtype=DT)}, []), TensorDict({"w": torch.zeros(3, dtype=DT)}, [])
+    x, y = torch.ones(3, dtype=DT), torch.full((3,), 3.0, dtype=DT)
+    for val in ((y, None), (None, y), (y, None)):
+        tree_close(fast(h, w0, x, val).grads, hg(h, w0, x, val).grads, rtol=1e-12, atol=1e-14)
+
+
 def test_losses_closing_over_tensors_compile_and_follow_their_updates():
     """A tensor a loss closes over (a fixed target, a mask) becomes a constant of the traced kernel
     graph, held by reference, so an in-place update of it reaches the next call."""

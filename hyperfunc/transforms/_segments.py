@@ -472,11 +472,8 @@ def whole_call(outcome: Callable, segments: Segments, args: tuple) -> Any:
     with T only up to k. Called under ``vmap`` (or for one task) like the other kernels; see
     :func:`whole_call_over_tasks` for ``hf.vmap``'s direct route."""
     layout, _, tensors = Layout.of(args, False)
-    tensors = tuple(x.detach() for x in tensors)  # Bound.bind detaches them too
-    key = _whole_key(segments, layout, tuple(x.shape for x in tensors), tensors)
-    before = rng_state(tensors)
-    out = _whole_kernel(outcome, segments, key, layout)(*tensors)
-    check_no_draws(before, tensors)
+    shapes = tuple(x.shape for x in tensors)
+    key, out = _run_whole(outcome, segments, layout, tensors, shapes, lambda kernel, xs: kernel(*xs))
     return segments.results[key].rebuild((), out)
 
 
@@ -492,11 +489,13 @@ def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in
         return None
     layout, _, tensors = Layout.of(args, False)
     dims = [d for d, arg in zip(in_dims, layout.spec.children()) for _ in range(arg.num_leaves)]
-    tensor_dims, sizes, shapes = [], set(), []
-    for fixed, d in zip(layout.fixed, dims):
-        if fixed is not None and d is not None:  # vmap refuses a dimension for a non-tensor
-            return None
-    for x, d in zip(tensors, (d for d, f in zip(dims, layout.diff) if f is not None)):
+    tensor_dims, sizes, shapes, leaves = [], set(), [], iter(tensors)
+    for is_tensor, d in zip(layout.diff, dims):
+        if is_tensor is None:  # a non-tensor leaf: vmap refuses a dimension for it
+            if d is not None:
+                return None
+            continue
+        x = next(leaves)
         if _functorch.is_functorch_wrapped_tensor(x) or (d is not None and not -x.dim() <= d < x.dim()):
             return None
         if d is not None:
@@ -506,12 +505,10 @@ def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in
         shapes.append(x.shape if d is None else x.shape[:d] + x.shape[d + 1 :])
     if len(sizes) != 1:
         return None
-    tensors = tuple(x.detach() for x in tensors)
-    key = _whole_key(segments, layout, tuple(shapes), tensors)
-    before = rng_state(tensors)
-    (n,) = sizes
-    out = _whole_kernel(outcome, segments, key, layout).over_tasks(n, tuple(tensor_dims), tensors)
-    check_no_draws(before, tensors)
+    (n,), tensor_dims = sizes, tuple(tensor_dims)
+    key, out = _run_whole(
+        outcome, segments, layout, tensors, tuple(shapes), lambda kernel, xs: kernel.over_tasks(n, tensor_dims, xs)
+    )
     if (key, n) in segments.results:  # the layout with the task dimension in the batch sizes
         return segments.results[key, n].rebuild((), out)
     result = segments.results[key].rebuild((), out)
@@ -520,12 +517,23 @@ def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in
     return result
 
 
+def _run_whole(outcome: Callable, segments: Segments, layout: Layout, tensors: Leaves, shapes: tuple, call: Callable):
+    """``(key, flat result)``: the whole-call kernel of ``outcome`` for inputs ``layout`` (tensor leaves
+    ``tensors``, per-task ``shapes``), run by ``call(kernel, detached tensors)``; refuses random draws."""
+    tensors = tuple(x.detach() for x in tensors)  # Bound.bind detaches them too
+    key = _whole_key(segments, layout, shapes, tensors)
+    before = rng_state(tensors)
+    out = call(_whole_kernel(outcome, segments, key, layout), tensors)
+    check_no_draws(before, tensors)
+    return key, out
+
+
 def _whole_key(segments: Segments, layout: Layout, shapes: tuple, tensors: Leaves) -> tuple:
     """The kernel key of a whole call: the inputs' structure and their per-task shapes, dtypes and devices.
     The structure's key is looked up by the spec's equality (a few µs) rather than rebuilt (its string
     takes tens of µs for nested TensorDicts)."""
     for spec, structure in segments.structures:
-        if spec == layout.spec and structure[1] == layout.fixed:
+        if spec == layout.spec and structure[1:] == (layout.fixed, layout.diff):
             break
     else:
         structure = layout.key()
