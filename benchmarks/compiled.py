@@ -15,6 +15,8 @@ Routes:
 - hyperfunc eager: ``torch.func.vmap(hg)``; ``torch.compile(torch.func.vmap(hg))`` (whole loop traced,
   T = 10 only: its compile time grows with T); ``hf.compile(hf.vmap(hg), segment=k)``, and with
   ``--cpp-wrapper`` also with ``options={"cpp_wrapper": True}`` (inductor's C++ wrapper);
+- eager lower bound: the unrolled loop batched by hand (one ``bmm`` per product) and differentiated by
+  plain autograd, without ``torch.func``: what any autograd-based eager hypergradient costs at least;
 - peers (T <= 100): a hand-written ``torch.func`` vmap of the unrolled loop, TorchOpt's functional
   SGD with autograd (a loop over tasks) and ``higher``'s ``innerloop_ctx`` (a loop over tasks).
 
@@ -194,6 +196,31 @@ def functorch_unroll(problem, steps: int):
     return run
 
 
+def autograd_unroll(problem, steps: int):
+    """The unrolled loop batched by hand (one ``bmm`` per product, as the floor) and differentiated by plain
+    autograd (``create_graph=True`` inner gradients), no ``torch.func``: the least an autograd-based
+    eager hypergradient costs on this problem, with none of ``vmap``'s batching."""
+    relu_mlp = hf.tasks.relu_mlp
+
+    def loss(f, w, b, y):  # the per-task mean squared errors, summed over tasks
+        return ((torch.baddbmm(b.unsqueeze(1), f, w.transpose(1, 2)) - y) ** 2).mean((1, 2)).sum()
+
+    def run(args):
+        hparams, heads, (x, y), (xv, yv) = args
+        body, keys, leaves = _body(hparams)
+        f = relu_mlp(body, x, final_relu=True)
+        w, b = (heads[k].detach().requires_grad_() for k in ("weight", "bias"))
+        mw, mb = torch.zeros_like(w), torch.zeros_like(b)
+        for _ in range(steps):
+            gw, gb = torch.autograd.grad(loss(f, w, b, y), (w, b), create_graph=True)
+            mw, mb = MOMENTUM * mw + gw, MOMENTUM * mb + gb
+            w, b = w - LR * mw, b - LR * mb
+        outer = loss(relu_mlp(body, xv, final_relu=True), w, b, yv) / x.shape[0]
+        return flat(keys, torch.autograd.grad(outer, leaves))
+
+    return run
+
+
 def _body(hparams):
     """The body as a TensorDict of fresh leaves that require grad, and those leaves (in hparams' order)."""
     body = hparams["body"].detach().clone().requires_grad_()
@@ -329,6 +356,8 @@ def speed_table(
         "floor, hand-written, compiled": (lambda: compiled_floor(*fin), None),
         "lower bound: compiled floor + body fwd/bwd": (lambda: (compiled_floor(*fin), body()), None),
     }
+    plain = autograd_unroll(problem, steps)
+    routes["eager lower bound: plain autograd, batched by hand"] = ((lambda: plain(args)), True)
     if peers:
         peer_fns = {
             "torch.func vmap, hand-written": functorch_unroll(problem, steps),
