@@ -37,7 +37,12 @@ class Vmapped:
     chunk_size: Optional[int] = None
 
     def __call__(self, *args, **kwargs):
-        if isinstance(self.fn, HyperGradFunction) and self.fn.whole and not kwargs and self.chunk_size is None:
+        if (
+            isinstance(self.fn, HyperGradFunction)
+            and self.fn.segments is not None
+            and not kwargs
+            and self.chunk_size is None
+        ):
             result = self.fn.over_tasks(self.in_dims, args)  # one kernel on the tasks' tensors, vmap not entered
             if result is not None:
                 return result

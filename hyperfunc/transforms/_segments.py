@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import itertools
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch._C._functorch as _functorch
@@ -31,7 +32,7 @@ import torch._functorch.pyfunctorch as _pyfunctorch
 import torch.utils._pytree as pytree
 from tensordict import TensorDictBase
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .._common_subexpressions import merge_common_subexpressions
@@ -62,13 +63,13 @@ class Segments:
     #: ``(spec, Layout.key())`` of the whole calls' inputs seen so far
     structures: list = field(default_factory=list, compare=False, repr=False)
 
-    def kernel(self, key: tuple, fn: Kernel, per_task: range) -> Callable:
+    def kernel(self, key: tuple, fn: Kernel, per_task: range, compile: Optional[Callable] = None) -> Callable:
         """The compiled kernel for ``key`` (built from ``fn`` on first use). The inputs at positions
         ``per_task`` (states, cotangents, accumulators) are per-task quantities: one that reaches the
         kernel unbatched (the shared w_0, a zero accumulator) is expanded over the tasks, so the first
         segment uses the same compiled kernel as the others."""
         if key not in self.kernels:
-            self.kernels[key] = _batched_kernel(fn, self, frozenset(per_task))
+            self.kernels[key] = _batched_kernel(fn, self, frozenset(per_task), compile or _compiled)
         return self.kernels[key]
 
 
@@ -97,11 +98,7 @@ def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return torch.compile(_own_code(fn), **segments.options)
     args = _distinct(args)
-    functional = torch.func.functionalize(fn, remove="mutations")
-    graph = make_fx(functional, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
-    merge_common_subexpressions(graph.graph)
-    batch_draws(graph.graph)
-    graph.recompile()
+    graph = _trace(fn, args)
     if segments.options.get("disable"):
         return graph
     # the example inputs as fake tensors of a mode with a shape environment, as dynamo hands them over:
@@ -109,6 +106,93 @@ def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     fake = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     with torch._guards.tracing(torch._guards.TracingContext(fake)):
         return segments.backend(graph, [fake.from_tensor(x, static_shapes=True) for x in args])
+
+
+def _trace(fn: Callable, args: tuple) -> torch.fx.GraphModule:
+    """``fn`` on fake tensors like ``args`` as a graph of aten operations without mutations (views stay
+    views), each repeated subexpression merged and a kernel's SGLD draws batched."""
+    functional = torch.func.functionalize(fn, remove="mutations")
+    graph = make_fx(functional, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+    merge_common_subexpressions(graph.graph)
+    batch_draws(graph.graph)
+    graph.recompile()
+    return graph
+
+
+def one_kernel(fn: Callable, args: tuple, segments: Segments) -> Callable:
+    """``fn`` (a call with at most k inner steps, its algorithm eager) compiled as one kernel."""
+    return _compiled(fn, args, segments)
+
+
+def program(fn: Callable, args: tuple, segments: Segments) -> Callable:
+    """``fn`` (a call whose algorithm runs on kernels: T > k) as a *program*: run once for real, which
+    compiles its kernels, then traced on fake tensors with every kernel call one opaque node, which
+    then calls the compiled kernel directly. What the replay leaves out is Python: binding the
+    problem, the algorithm's bookkeeping, ``vmap``'s entry and exit, each kernel's lookup by signature.
+    A call that cannot be traced (its Python reads a tensor's value, or reaches a kernel signature
+    the real run did not compile) stays ``fn``."""
+    fn(*args)
+    try:
+        graph = _trace(fn, _distinct(args))
+    except Exception:  # noqa: BLE001 (the real run went through: what failed is the trace, not the call)
+        return fn
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target is _kernel_call:
+            kernel, inputs = node.args
+            node.target, node.args = _direct(_COMPILED[kernel].run), tuple(inputs)
+    graph.recompile()
+    return graph.forward
+
+
+def _direct(run: Callable) -> Callable:
+    """``run`` as a function of this module, which a graph's code calls as a global (torch's own compiled
+    functions are named by a path that does not import)."""
+
+    def kernel(*args):
+        return run(*args)
+
+    return kernel
+
+
+class _Untraceable(Exception):
+    """A program's trace reached a kernel that has not been compiled for its inputs."""
+
+
+class _Compiled:
+    """A compiled kernel, called as ``kernel(args)``. Under ``make_fx`` (a program's trace) the call is one
+    opaque ``hyperfunc::kernel_call`` node, whose fake outputs are shaped like those of the kernel's
+    first real call."""
+
+    __slots__ = ("run", "outputs", "id", "__weakref__")
+
+    def __init__(self, run: Callable):
+        self.run, self.outputs, self.id = run, None, next(_KERNEL_IDS)
+        _COMPILED[self.id] = self
+
+    def __call__(self, args: tuple) -> tuple:
+        if get_proxy_mode() is not None:
+            if self.outputs is None:
+                raise _Untraceable
+            return tuple(_kernel_call(self.id, list(args)))
+        out = self.run(*args)
+        if self.outputs is None:
+            self.outputs = tuple((x.shape, x.stride(), x.dtype, x.device) for x in out)
+        return out
+
+
+_COMPILED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> _Compiled, for kernel_call
+_LIB = torch.library.Library("hyperfunc", "FRAGMENT")
+_LIB.define("kernel_call(int kernel, Tensor[] args) -> Tensor[]")
+_LIB.impl("kernel_call", lambda kernel, args: list(_COMPILED[kernel].run(*args)), "CompositeExplicitAutograd")
+_kernel_call = torch.ops.hyperfunc.kernel_call.default
+
+
+@torch.library.register_fake("hyperfunc::kernel_call", lib=_LIB)
+def _(kernel: int, args: list) -> list:
+    return [
+        torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        for shape, stride, dtype, device in _COMPILED[kernel].outputs
+    ]
 
 
 def _distinct(args: tuple) -> tuple:
@@ -142,7 +226,7 @@ def _signature(args: tuple) -> tuple:
     return tuple((x.shape, x.stride(), x.dtype, x.device, x.requires_grad) for x in args)
 
 
-def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset) -> Callable:
+def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset, compile: Callable) -> Callable:
     single: dict = {}
     batched: dict = {}
 
@@ -160,18 +244,18 @@ def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset) -> Call
             def over(*args):
                 return torch.func.vmap(fn, in_dims=in_dims)(*args)
 
-            batched[key] = _compiled(over, args, segments)
+            batched[key] = _new_kernel(compile, over, args, segments)
         # an output that only broadcasts an unbatched input over the tasks comes back with batch
         # stride 0; materialised, the next kernel call sees the strides it was compiled for
-        return tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[key](*args))
+        return tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[key](args))
 
     class _Kernel(torch.autograd.Function):
         @staticmethod
         def forward(*args):
             key = _signature(args)
             if key not in single:
-                single[key] = _compiled(fn, args, segments)
-            return single[key](*args)
+                single[key] = _new_kernel(compile, fn, args, segments)
+            return single[key](args)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -188,6 +272,12 @@ def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset) -> Call
 
     call.over_tasks = over_tasks  # for a caller that holds the tasks' physical tensors itself (whole_call_over_tasks)
     return call
+
+
+def _new_kernel(compile: Callable, fn: Callable, args: tuple, segments: Segments) -> _Compiled:
+    if get_proxy_mode() is not None:  # a program's trace: every kernel it calls was compiled by its real run
+        raise _Untraceable
+    return _Compiled(compile(fn, args, segments))
 
 
 def _under_vmap(over_tasks: Callable, args: tuple) -> Any:
@@ -463,7 +553,7 @@ def check_no_draws(before: tuple, leaves: Leaves) -> None:
         )
 
 
-def whole_call(outcome: Callable, segments: Segments, args: tuple) -> Any:
+def whole_call(outcome: Callable, compile: Callable, segments: Segments, args: tuple) -> Any:
     r"""``outcome(*args)`` (a transform's call with at most k inner steps) as one compiled kernel.
 
     For a horizon within one segment, the segments' several kernels (``prepare``, the segment, its
@@ -473,11 +563,11 @@ def whole_call(outcome: Callable, segments: Segments, args: tuple) -> Any:
     :func:`whole_call_over_tasks` for ``hf.vmap``'s direct route."""
     layout, _, tensors = Layout.of(args, False)
     shapes = tuple(x.shape for x in tensors)
-    key, out = _run_whole(outcome, segments, layout, tensors, shapes, lambda kernel, xs: kernel(*xs))
+    key, out = _run_whole(outcome, compile, segments, layout, tensors, shapes, lambda kernel, xs: kernel(*xs))
     return segments.results[key].rebuild((), out)
 
 
-def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in_dims: Any) -> Any:
+def whole_call_over_tasks(outcome: Callable, compile: Callable, segments: Segments, args: tuple, in_dims: Any) -> Any:
     """``torch.func.vmap(outcome, in_dims)(*args)`` by :func:`whole_call`'s kernel called on the tasks'
     tensors directly: ``vmap``'s own entry and exit (wrapping every input, and TensorDict's handling of
     batched inputs and outputs) cost about as much as the kernel at T = 10. The result is rebuilt as
@@ -507,7 +597,13 @@ def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in
         return None
     (n,), tensor_dims = sizes, tuple(tensor_dims)
     key, out = _run_whole(
-        outcome, segments, layout, tensors, tuple(shapes), lambda kernel, xs: kernel.over_tasks(n, tensor_dims, xs)
+        outcome,
+        compile,
+        segments,
+        layout,
+        tensors,
+        tuple(shapes),
+        lambda kernel, xs: kernel.over_tasks(n, tensor_dims, xs),
     )
     if (key, n) in segments.results:  # the layout with the task dimension in the batch sizes
         return segments.results[key, n].rebuild((), out)
@@ -517,13 +613,21 @@ def whole_call_over_tasks(outcome: Callable, segments: Segments, args: tuple, in
     return result
 
 
-def _run_whole(outcome: Callable, segments: Segments, layout: Layout, tensors: Leaves, shapes: tuple, call: Callable):
+def _run_whole(
+    outcome: Callable,
+    compile: Callable,
+    segments: Segments,
+    layout: Layout,
+    tensors: Leaves,
+    shapes: tuple,
+    call: Callable,
+):
     """``(key, flat result)``: the whole-call kernel of ``outcome`` for inputs ``layout`` (tensor leaves
     ``tensors``, per-task ``shapes``), run by ``call(kernel, detached tensors)``; refuses random draws."""
     tensors = tuple(x.detach() for x in tensors)  # Bound.bind detaches them too
-    key = _whole_key(segments, layout, shapes, tensors)
+    key = (compile.__name__, *_whole_key(segments, layout, shapes, tensors))
     before = rng_state(tensors)
-    out = call(_whole_kernel(outcome, segments, key, layout), tensors)
+    out = call(_whole_kernel(outcome, segments, key, layout, compile), tensors)
     check_no_draws(before, tensors)
     return key, out
 
@@ -538,16 +642,16 @@ def _whole_key(segments: Segments, layout: Layout, shapes: tuple, tensors: Leave
     else:
         structure = layout.key()
         segments.structures.append((layout.spec, structure))
-    return ("whole", structure, shapes, tuple((x.dtype, x.device) for x in tensors))
+    return (structure, shapes, tuple((x.dtype, x.device) for x in tensors))
 
 
-def _whole_kernel(outcome: Callable, segments: Segments, key: tuple, layout: Layout) -> Callable:
+def _whole_kernel(outcome: Callable, segments: Segments, key: tuple, layout: Layout, compile: Callable) -> Callable:
     def kernel(*flat):
         result_layout, _, out = Layout.of(outcome(*layout.rebuild((), flat)), False)
         segments.results[key] = result_layout  # learned when traced (the same for every signature of the key)
         return out
 
-    return segments.kernel(key, kernel, ())
+    return segments.kernel(key, kernel, (), compile)
 
 
 def _with_task_dim(x: Any, n: int) -> Any:

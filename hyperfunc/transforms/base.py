@@ -716,26 +716,29 @@ class HyperGradFunction:
     def __repr__(self) -> str:  # dataclasses' repr guards recursion with a thread id torch.compile cannot trace
         return f"HyperGradFunction({self.name})"
 
-    @property
-    def whole(self) -> bool:
-        """Whether a call runs as one compiled kernel: compiled by ``hf.compile`` with at most k inner steps."""
-        return self.segments is not None and self.loop.steps <= self.segments.size
+    def _traced(self) -> tuple[Callable, Callable]:
+        """``(outcome, compile)`` of a call compiled by ``hf.compile``: with at most k inner steps the eager
+        algorithm compiled as one kernel, else the algorithm on its kernels traced as a program
+        (:func:`~hyperfunc.transforms._segments.program`)."""
+        if self.loop.steps <= self.segments.size:
+            return replace(self, segments=None).outcome, _segments.one_kernel
+        return self.outcome, _segments.program
 
     def __call__(self, hparams, params0, inner_batches, outer_batch, buffers=None):
         args = (hparams, params0, inner_batches, outer_batch, buffers)
-        if self.whole:
-            result, aux = _segments.whole_call(replace(self, segments=None).outcome, self.segments, args)
+        if self.segments is not None:
+            result, aux = _segments.whole_call(*self._traced(), self.segments, args)
         else:
             result, aux = self.outcome(*args)
         return result if self.output is None else self.output(result, aux)
 
     def over_tasks(self, in_dims: Any, args: tuple) -> Any:
-        """``torch.func.vmap(self, in_dims)(*args)`` by the whole-call kernel batched over the tasks, without
-        entering ``vmap`` (what ``hf.vmap`` runs when :attr:`whole`); None when ``args`` or ``in_dims`` are
-        not plain (leave them to ``vmap``, which also raises its errors)."""
+        """``torch.func.vmap(self, in_dims)(*args)`` for a call compiled by ``hf.compile``, traced batched over
+        the tasks and run without entering ``vmap`` (what ``hf.vmap`` runs); None when ``args`` or
+        ``in_dims`` are not plain (leave them to ``vmap``, which also raises its errors)."""
         if not 4 <= len(args) <= 5:
             return None
-        out = _segments.whole_call_over_tasks(replace(self, segments=None).outcome, self.segments, args, in_dims)
+        out = _segments.whole_call_over_tasks(*self._traced(), self.segments, args, in_dims)
         if out is None:
             return None
         result, aux = out
