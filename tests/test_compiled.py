@@ -43,21 +43,39 @@ SEGMENTED = {
 }
 
 
+def _counting(hg):
+    """``(hg', runs)``: ``hg`` whose algorithm appends to ``runs`` each time its Python runs."""
+    runs = []
+
+    def algorithm(bound):
+        runs.append(None)
+        return hg.algorithm(bound)
+
+    return dataclasses.replace(hg, algorithm=algorithm), runs
+
+
+@pytest.mark.filterwarnings("ignore:implicit. w_T is not a stationary point")
 @pytest.mark.parametrize("name", list(SEGMENTED))
 def test_compiled_segments_equal_eager_without_recompiling(name):
+    """T > k: equal to eager, returned as vmap returns it, nothing compiled after the first call, whose
+    algorithm runs twice (once for real, compiling the kernels, once traced as a program); later calls
+    replay the program without running the algorithm's Python."""
     transform, momentum = SEGMENTED[name]
     prob = _anil(T, momentum)
     hg = transform(prob.loop, prob.outer_loss)
+    counted, runs = _counting(hg)
     counter = torch._dynamo.testing.CompileCounter()
-    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend=counter, fullgraph=True)
+    fast = hf.compile(hf.vmap(counted, in_dims=IN_DIMS), segment=K, backend=counter, fullgraph=True)
     frames = []
     for seed in range(3):
         args = sinusoid_args(prob, seed)
         res, ref = fast(*args), torch.func.vmap(hg, in_dims=IN_DIMS)(*args)
+        assert type(res) is type(ref) and res.grads.batch_size == ref.grads.batch_size == (2,)
         tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
         tree_close(res.params, ref.params, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
         frames.append(counter.frame_count)
+    assert len(runs) == 2
     # one frame per kernel, a handful whatever T: unroll has the map and the VJP for k and the fused last
     # segment with the outer gradient, for the remainder (the shared w_0 of the first segment is expanded over
     # the tasks, so it uses the same kernels); distill with a fitted θ has the most, 7: its scan for k and the
@@ -259,10 +277,14 @@ def test_compile_one_task_and_learned_init_with_buffers(name):
         loop = dataclasses.replace(loop, optimizer=hf.optim.sgd(lr=0.05))
     batches, val = data(steps=3)
     hg = transform(loop, outer)
-    fast = hf.compile(hg, segment=2, backend=torch._dynamo.testing.CompileCounter(), fullgraph=True)
-    res, ref = fast(hparams, learned_init, batches, val, buffers), hg(hparams, learned_init, batches, val, buffers)
-    tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
-    tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=0)
+    counted, runs = _counting(hg)
+    fast = hf.compile(counted, segment=2, backend=torch._dynamo.testing.CompileCounter(), fullgraph=True)
+    ref = hg(hparams, learned_init, batches, val, buffers)
+    for _ in range(2):  # the second call replays the program traced by the first
+        res = fast(hparams, learned_init, batches, val, buffers)
+        tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
+        tree_close(res.buffers, ref.buffers, rtol=1e-12, atol=0)
+    assert len(runs) == 2
     whole = hf.compile(hg, segment=3, backend="eager")  # T = 3 <= k: one kernel
     tree_close(whole(hparams, learned_init, batches, val, buffers).grads, ref.grads, rtol=1e-10, atol=1e-12)
 
@@ -341,6 +363,25 @@ def test_kernels_skip_dynamo_under_hf_vmap():
     assert torch._dynamo.utils.counters["frames"]["total"] == frames
     # map and VJP for k = 3, the fused last segment (1 step) with the outer gradient, prepare and its VJP
     assert counter.frame_count == 5
+
+
+def test_a_call_that_cannot_be_traced_runs_its_algorithm_on_the_kernels():
+    """An algorithm whose Python reads a tensor's value cannot be traced as a program: each call runs it,
+    on the compiled kernels, and the result is still eager's."""
+    prob = _anil(T)
+    hg = hf.unroll(prob.loop, prob.outer_loss)
+    reads = []
+
+    def algorithm(bound):
+        reads.append(float(bound.h[0].sum()))  # a value, read in Python: fails on the trace's fake tensors
+        return hg.algorithm(bound)
+
+    reading = dataclasses.replace(hg, algorithm=algorithm)
+    fast = hf.compile(hf.vmap(reading, in_dims=IN_DIMS), segment=K, backend="eager")
+    for seed in (0, 1):
+        args = sinusoid_args(prob, seed)
+        tree_close(fast(*args).grads, torch.func.vmap(hg, in_dims=IN_DIMS)(*args).grads, rtol=1e-10, atol=1e-12)
+    assert len(reads) == 3  # the first call: the real run, then the untraced call; the second call: once
 
 
 def test_random_draws_in_the_step_are_refused():

@@ -57,10 +57,10 @@ class Segments:
     kernels: dict = field(default_factory=dict, compare=False, repr=False)
     #: the layout of ``prepare``'s output per input structure, learned by one eager run in the first call
     prepared: dict = field(default_factory=dict, compare=False, repr=False)
-    #: the layout of a whole call's result per input structure (:func:`whole_call`), learned by its trace,
-    #: and with ``(key, n)`` that of ``hf.vmap``'s result over ``n`` tasks (:func:`whole_call_over_tasks`)
+    #: the layout of a traced call's result per input structure (:func:`traced_call`), learned by its trace,
+    #: and with ``(key, n)`` that of ``hf.vmap``'s result over ``n`` tasks (:func:`traced_call_over_tasks`)
     results: dict = field(default_factory=dict, compare=False, repr=False)
-    #: ``(spec, Layout.key())`` of the whole calls' inputs seen so far
+    #: ``(spec, Layout.key())`` of the traced calls' inputs seen so far
     structures: list = field(default_factory=list, compare=False, repr=False)
 
     def kernel(self, key: tuple, fn: Kernel, per_task: range, compile: Optional[Callable] = None) -> Callable:
@@ -98,7 +98,11 @@ def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return torch.compile(_own_code(fn), **segments.options)
     args = _distinct(args)
-    graph = _trace(fn, args)
+    return _backend(_trace(fn, args), args, segments)
+
+
+def _backend(graph: torch.fx.GraphModule, args: tuple, segments: Segments) -> Callable:
+    """``graph`` (traced on inputs like ``args``) compiled by ``segments.backend``."""
     if segments.options.get("disable"):
         return graph
     # the example inputs as fake tensors of a mode with a shape environment, as dynamo hands them over:
@@ -119,22 +123,49 @@ def _trace(fn: Callable, args: tuple) -> torch.fx.GraphModule:
     return graph
 
 
+def _trace_or_none(fn: Callable, args: tuple) -> Optional[torch.fx.GraphModule]:
+    """:func:`_trace` of a whole call that has run for real on ``args`` (which raised the call's own
+    errors), or None where the trace fails: Python that reads a tensor's value, a kernel signature
+    the real run did not compile, an operation the fake tensors refuse (``torch.func.jvp`` of
+    ``forward``'s ``prepare`` with per-task hyperparameters, torch 2.13), inputs another transform wraps."""
+    if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
+        return None
+    try:
+        return _trace(fn, _distinct(args))
+    except Exception:  # noqa: BLE001 (the call itself went through: what failed is its trace)
+        return None
+
+
 def one_kernel(fn: Callable, args: tuple, segments: Segments) -> Callable:
-    """``fn`` (a call with at most k inner steps, its algorithm eager) compiled as one kernel."""
-    return _compiled(fn, args, segments)
+    """``fn``, a call with at most k inner steps whose algorithm runs eagerly, compiled as one kernel
+    (:func:`_compiled`): its graph grows with T only up to k. It runs once for real first, so that a
+    mistake in the call raises its own error rather than one from the trace; a call that cannot be
+    traced (:func:`_trace_or_none`) stays ``fn``, eager. Inputs that another transform wraps are
+    dynamo's to trace (:func:`_compiled`)."""
+    if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
+        return _compiled(fn, args, segments)
+    fn(*args)
+    graph = _trace_or_none(fn, args)
+    return fn if graph is None else _backend(graph, _distinct(args), segments)
 
 
 def program(fn: Callable, args: tuple, segments: Segments) -> Callable:
-    """``fn`` (a call whose algorithm runs on kernels: T > k) as a *program*: run once for real, which
-    compiles its kernels, then traced on fake tensors with every kernel call one opaque node, which
-    then calls the compiled kernel directly. What the replay leaves out is Python: binding the
-    problem, the algorithm's bookkeeping, ``vmap``'s entry and exit, each kernel's lookup by signature.
-    A call that cannot be traced (its Python reads a tensor's value, or reaches a kernel signature
-    the real run did not compile) stays ``fn``."""
+    """``fn``, a call whose algorithm runs on its kernels (T > k), as a *program*: run once for real,
+    which compiles every kernel it reaches, then traced by ``make_fx`` on fake tensors with each kernel
+    call one opaque ``hyperfunc::kernel_call`` node, turned into a direct call of the compiled kernel.
+
+    The replay is the algorithm's own arithmetic (cotangent sums, CG's scalars) as aten operations
+    between the kernel calls: the Python that ran around them, which cost more than the kernels at
+    T = 100 (binding the problem, the algorithm's bookkeeping, ``vmap``'s entry and exit around every
+    kernel, each kernel's lookup by signature), is gone. Its graph has O(T/k) nodes (about 1,900 for
+    ``unroll`` at T = 1000, k = 10; traced in about a second). Values read in Python at trace time
+    (a step count, a shape) are fixed in it, as in every kernel; the caller keys it by what fixes them.
+
+    A call that cannot be traced (:func:`_trace_or_none`) stays ``fn``: the algorithm calling its
+    kernels from Python, as right and slower."""
     fn(*args)
-    try:
-        graph = _trace(fn, _distinct(args))
-    except Exception:  # noqa: BLE001 (the real run went through: what failed is the trace, not the call)
+    graph = _trace_or_none(fn, args)
+    if graph is None:
         return fn
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target is _kernel_call:
@@ -249,13 +280,16 @@ def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset, compile
         # stride 0; materialised, the next kernel call sees the strides it was compiled for
         return tuple(x.contiguous() if x.dim() and x.stride(0) == 0 else x for x in batched[key](args))
 
+    def one_task(args: tuple) -> tuple:
+        key = _signature(args)
+        if key not in single:
+            single[key] = _new_kernel(compile, fn, args, segments)
+        return single[key](args)
+
     class _Kernel(torch.autograd.Function):
         @staticmethod
         def forward(*args):
-            key = _signature(args)
-            if key not in single:
-                single[key] = _new_kernel(compile, fn, args, segments)
-            return single[key](args)
+            return one_task(args)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -267,10 +301,13 @@ def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset, compile
             return out, tuple(0 for _ in out)
 
     def call(*args):
-        out = _under_vmap(over_tasks, args)
+        interpreter = _functorch.peek_interpreter_stack()
+        if interpreter is None or interpreter.key() == _functorch.TransformType.Functionalize:
+            return one_task(args)  # no transform to go through (functionalize: a program's trace for one task)
+        out = _under_vmap(over_tasks, args, interpreter)
         return _Kernel.apply(*args) if out is None else out
 
-    call.over_tasks = over_tasks  # for a caller that holds the tasks' physical tensors itself (whole_call_over_tasks)
+    call.over_tasks = over_tasks  # for a caller that holds the tasks' physical tensors itself (traced_call_over_tasks)
     return call
 
 
@@ -280,15 +317,14 @@ def _new_kernel(compile: Callable, fn: Callable, args: tuple, segments: Segments
     return _Compiled(compile(fn, args, segments))
 
 
-def _under_vmap(over_tasks: Callable, args: tuple) -> Any:
+def _under_vmap(over_tasks: Callable, args: tuple, interpreter: Any) -> Any:
     """``over_tasks`` called on the physical tensors when the innermost transform is a ``vmap`` whose
     level holds every batched input directly (the common case, ``hf.vmap``), else None.
 
     It is what ``autograd.Function``'s vmap rule does (unwrap the level, run below it, wrap the
     outputs at dim 0), without its per-call pytree handling, which cost more than the compiled
     kernels themselves (cProfile, unroll at T = 100, k = 10: 0.36 s of 0.65 s)."""
-    interpreter = _functorch.peek_interpreter_stack()
-    if interpreter is None or interpreter.key() != _functorch.TransformType.Vmap:
+    if interpreter.key() != _functorch.TransformType.Vmap:
         return None
     vmap_level = _pyfunctorch.coerce_cinterpreter(interpreter)
     level = vmap_level.level()
@@ -553,27 +589,29 @@ def check_no_draws(before: tuple, leaves: Leaves) -> None:
         )
 
 
-def whole_call(outcome: Callable, compile: Callable, segments: Segments, args: tuple) -> Any:
-    r"""``outcome(*args)`` (a transform's call with at most k inner steps) as one compiled kernel.
+def traced_call(outcome: Callable, compile: Callable, segments: Segments, args: tuple) -> Any:
+    r"""``outcome(*args)`` (a transform's call, ``(HyperGrad, aux)``) traced whole and compiled by
+    ``compile``: :func:`one_kernel` for a horizon within one segment, :func:`program` for a longer one.
 
-    For a horizon within one segment, the segments' several kernels (``prepare``, the segment, its
-    VJP, the outer gradient, ``prepare``'s VJP) and the Python between them cost more than the steps
-    (ANIL at T = 10: about 0.7 of 1.8 ms); the whole algorithm is traced instead, so its graph grows
-    with T only up to k. Called under ``vmap`` (or for one task) like the other kernels; see
-    :func:`whole_call_over_tasks` for ``hf.vmap``'s direct route."""
+    For T <= k, the segments' several kernels (``prepare``, the segment, its VJP, the outer gradient,
+    ``prepare``'s VJP) and the Python between them cost more than the steps (ANIL at T = 10: about
+    0.7 of 1.8 ms), so the eager algorithm is compiled as one kernel. For T > k the algorithm runs on
+    its kernels, and the Python around them is traced away. Called under ``vmap`` (or for one task)
+    like the other kernels; see :func:`traced_call_over_tasks` for ``hf.vmap``'s direct route."""
     layout, _, tensors = Layout.of(args, False)
     shapes = tuple(x.shape for x in tensors)
-    key, out = _run_whole(outcome, compile, segments, layout, tensors, shapes, lambda kernel, xs: kernel(*xs))
+    key, out = _run_traced(outcome, compile, segments, layout, tensors, shapes, lambda kernel, xs: kernel(*xs))
     return segments.results[key].rebuild((), out)
 
 
-def whole_call_over_tasks(outcome: Callable, compile: Callable, segments: Segments, args: tuple, in_dims: Any) -> Any:
-    """``torch.func.vmap(outcome, in_dims)(*args)`` by :func:`whole_call`'s kernel called on the tasks'
-    tensors directly: ``vmap``'s own entry and exit (wrapping every input, and TensorDict's handling of
-    batched inputs and outputs) cost about as much as the kernel at T = 10. The result is rebuilt as
-    ``vmap`` returns it (tensors batched at dim 0, TensorDicts with the task dimension first in their
-    batch size). None when ``in_dims`` do not give each argument one dimension (an int or None), the
-    batch sizes differ, or an input is another transform's: ``vmap`` then runs (and raises its errors)."""
+def traced_call_over_tasks(outcome: Callable, compile: Callable, segments: Segments, args: tuple, in_dims: Any) -> Any:
+    """``torch.func.vmap(outcome, in_dims)(*args)`` by :func:`traced_call`'s kernel, batched over the tasks and
+    called on their tensors directly: ``vmap``'s own entry and exit (wrapping every input, and
+    TensorDict's handling of batched inputs and outputs) cost about as much as the kernel at T = 10.
+    The result is rebuilt as ``vmap`` returns it (tensors batched at dim 0, TensorDicts with the task
+    dimension first in their batch size). None when ``in_dims`` do not give each argument one
+    dimension (an int or None), the batch sizes differ, or an input is another transform's: ``vmap``
+    then runs (and raises its errors)."""
     in_dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
     if len(in_dims) != len(args) or any(d is not None and type(d) is not int for d in in_dims):
         return None
@@ -596,15 +634,11 @@ def whole_call_over_tasks(outcome: Callable, compile: Callable, segments: Segmen
     if len(sizes) != 1:
         return None
     (n,), tensor_dims = sizes, tuple(tensor_dims)
-    key, out = _run_whole(
-        outcome,
-        compile,
-        segments,
-        layout,
-        tensors,
-        tuple(shapes),
-        lambda kernel, xs: kernel.over_tasks(n, tensor_dims, xs),
-    )
+
+    def call(kernel: Callable, xs: Leaves) -> tuple:
+        return kernel.over_tasks(n, tensor_dims, xs)
+
+    key, out = _run_traced(outcome, compile, segments, layout, tensors, tuple(shapes), call)
     if (key, n) in segments.results:  # the layout with the task dimension in the batch sizes
         return segments.results[key, n].rebuild((), out)
     result = segments.results[key].rebuild((), out)
@@ -613,39 +647,34 @@ def whole_call_over_tasks(outcome: Callable, compile: Callable, segments: Segmen
     return result
 
 
-def _run_whole(
-    outcome: Callable,
-    compile: Callable,
-    segments: Segments,
-    layout: Layout,
-    tensors: Leaves,
-    shapes: tuple,
-    call: Callable,
-):
-    """``(key, flat result)``: the whole-call kernel of ``outcome`` for inputs ``layout`` (tensor leaves
-    ``tensors``, per-task ``shapes``), run by ``call(kernel, detached tensors)``; refuses random draws."""
+def _run_traced(
+    outcome: Callable, compile: Callable, segments: Segments, layout: Layout, tensors: Leaves, shapes: tuple, call
+) -> tuple:
+    """``(key, flat result)``: the traced call of ``outcome`` compiled by ``compile`` for inputs ``layout``
+    (tensor leaves ``tensors``, per-task ``shapes``), run by ``call(kernel, detached tensors)``; refuses
+    random draws."""
     tensors = tuple(x.detach() for x in tensors)  # Bound.bind detaches them too
-    key = (compile.__name__, *_whole_key(segments, layout, shapes, tensors))
+    key = _traced_key(compile, segments, layout, shapes, tensors)
     before = rng_state(tensors)
-    out = call(_whole_kernel(outcome, segments, key, layout, compile), tensors)
+    out = call(_traced_kernel(outcome, compile, segments, key, layout), tensors)
     check_no_draws(before, tensors)
     return key, out
 
 
-def _whole_key(segments: Segments, layout: Layout, shapes: tuple, tensors: Leaves) -> tuple:
-    """The kernel key of a whole call: the inputs' structure and their per-task shapes, dtypes and devices.
-    The structure's key is looked up by the spec's equality (a few µs) rather than rebuilt (its string
-    takes tens of µs for nested TensorDicts)."""
+def _traced_key(compile: Callable, segments: Segments, layout: Layout, shapes: tuple, tensors: Leaves) -> tuple:
+    """The kernel key of a traced call: how it is compiled, the inputs' structure and their per-task shapes,
+    dtypes and devices. The structure's key is looked up by the spec's equality (a few µs) rather than
+    rebuilt (its string takes tens of µs for nested TensorDicts)."""
     for spec, structure in segments.structures:
         if spec == layout.spec and structure[1:] == (layout.fixed, layout.diff):
             break
     else:
         structure = layout.key()
         segments.structures.append((layout.spec, structure))
-    return (structure, shapes, tuple((x.dtype, x.device) for x in tensors))
+    return (compile.__name__, structure, shapes, tuple((x.dtype, x.device) for x in tensors))
 
 
-def _whole_kernel(outcome: Callable, segments: Segments, key: tuple, layout: Layout, compile: Callable) -> Callable:
+def _traced_kernel(outcome: Callable, compile: Callable, segments: Segments, key: tuple, layout: Layout) -> Callable:
     def kernel(*flat):
         result_layout, _, out = Layout.of(outcome(*layout.rebuild((), flat)), False)
         segments.results[key] = result_layout  # learned when traced (the same for every signature of the key)

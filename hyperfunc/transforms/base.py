@@ -727,7 +727,7 @@ class HyperGradFunction:
     def __call__(self, hparams, params0, inner_batches, outer_batch, buffers=None):
         args = (hparams, params0, inner_batches, outer_batch, buffers)
         if self.segments is not None:
-            result, aux = _segments.whole_call(*self._traced(), self.segments, args)
+            result, aux = _segments.traced_call(*self._traced(), self.segments, args)
         else:
             result, aux = self.outcome(*args)
         return result if self.output is None else self.output(result, aux)
@@ -738,7 +738,7 @@ class HyperGradFunction:
         ``in_dims`` are not plain (leave them to ``vmap``, which also raises its errors)."""
         if not 4 <= len(args) <= 5:
             return None
-        out = _segments.whole_call_over_tasks(*self._traced(), self.segments, args, in_dims)
+        out = _segments.traced_call_over_tasks(*self._traced(), self.segments, args, in_dims)
         if out is None:
             return None
         result, aux = out
