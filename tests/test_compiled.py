@@ -156,6 +156,18 @@ def test_per_task_hyperparameters_and_initial_params(name):
     tree_close(res.params, ref.params, rtol=1e-10, atol=1e-12)
 
 
+def test_forward_with_per_task_hyperparameters_within_one_segment():
+    """forward pushes prepare forward with torch.func.jvp, which make_fx's fake tensors refuse under a
+    vmap over per-task λ (torch 2.13): the call is not traced but run, as eager returns it (it raised)."""
+    prob = _anil(3)
+    hg = hf.forward(prob.loop, prob.outer_loss)
+    h, w0, batches, val = sinusoid_args(prob, 0)
+    args = (torch.stack([h, h.apply(lambda x: 1.1 * x)]), torch.stack([w0, 0.5 * w0]), batches, val)
+    fast = hf.compile(hf.vmap(hg, in_dims=0), segment=4, backend="eager")
+    for _ in range(2):
+        tree_close(fast(*args).grads, torch.func.vmap(hg, in_dims=0)(*args).grads, rtol=1e-10, atol=1e-12)
+
+
 def test_one_segment_tells_a_none_from_a_tensor_in_the_same_place():
     """Two calls whose inputs differ only by which of two places holds the tensor and which None have the
     same tree structure and shapes; the kernel key keeps them apart (each place's kind is in it)."""
