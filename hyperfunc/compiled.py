@@ -4,8 +4,9 @@ r"""``hf.vmap`` and ``hf.compile``: compiled hypergradients with compile time fl
 time grows with the number of inner steps T (DESIGN.md, "Compilation"). ``hf.compile(hf.vmap(hg,
 in_dims), segment=k)`` compiles the protocol's pieces instead: the k-step segment map, its VJP and
 the outer loss with its gradient, each vmapped over the task dimension and compiled once, then
-reused by every segment and every call (a Python loop runs the segments). A T that is not a
-multiple of k adds one kernel for the remainder.
+reused by every segment and every call. A T that is not a multiple of k adds one kernel for the
+remainder. The call itself is traced once: as one kernel for T <= k, as a program of kernel calls
+for T > k.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ _TORCH_COMPILE_KEYWORDS = frozenset(inspect.signature(torch.compile).parameters)
 class Vmapped:
     """``hf.vmap(hg, in_dims)``: calls ``torch.func.vmap(hg, in_dims, chunk_size=chunk_size)``; kept as a
     value so that :func:`compile` can compile ``hg``'s kernels batched over the task dimension. A
-    compiled ``hg`` whose call is one kernel (T <= k) is called on the tasks' tensors directly, its
-    result rebuilt as ``vmap`` returns it."""
+    compiled ``hg`` (its call traced as one kernel or one program) is called on the tasks' tensors
+    directly, its result rebuilt as ``vmap`` returns it."""
 
     fn: Any
     in_dims: Any = 0
@@ -43,7 +44,7 @@ class Vmapped:
             and not kwargs
             and self.chunk_size is None
         ):
-            result = self.fn.over_tasks(self.in_dims, args)  # one kernel on the tasks' tensors, vmap not entered
+            result = self.fn.over_tasks(self.in_dims, args)  # the traced call on the tasks' tensors, no vmap
             if result is not None:
                 return result
         return torch.func.vmap(self.fn, in_dims=self.in_dims, chunk_size=self.chunk_size)(*args, **kwargs)
@@ -92,6 +93,13 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     sinusoids at T = 10, ``python benchmarks/compiled.py --steps 10 --no-peers`` measured 0.7-1.4 ms
     per meta-batch of 10 (2.2x-4.3x the compiled floor of the inner loop alone, to which the body's
     forward and backward add 1.4x-1.8x) where segments took 2.3-3.8 ms.
+
+    A longer horizon (T > k) is traced as a *program*: the first call runs the algorithm on its kernels
+    for real, which compiles them, then traces it once more with each kernel call one opaque operator;
+    later calls replay the kernel calls and the algorithm's arithmetic between them without its
+    Python (binding, bookkeeping, ``vmap``'s entry and exit around every kernel), which cost about as
+    much as the kernels at T = 100. A call that cannot be traced (an algorithm that reads a tensor's
+    value in Python) runs its algorithm on the kernels at every call, as right and slower.
 
     Forward mode adds the segment's tangent map :math:`Z_{a+k} = \partial s_{a+k}/\partial(s_a, \lambda, D)
     \cdot (Z_a, E, Z_D)`; a transform's per-step recursion (DrMAD's backward travel, the greedy

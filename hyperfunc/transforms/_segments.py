@@ -11,10 +11,14 @@ kernel as a tensor, so no segment recompiles.
 Under ``torch.func.vmap`` (what ``hf.vmap`` runs) a kernel call unwraps the vmap level and calls
 the kernel vmapped over the task dimension and compiled, so the batching is inside the compiled
 code; inside a second transform it goes through a ``torch.autograd.Function``'s ``vmap`` rule, and
-outside vmap it calls the kernel compiled for one task. The algorithm's own arithmetic between kernels
-(cotangent sums, interpolations) stays eager. Kernels have no derivative: a transform that
+outside vmap it calls the kernel compiled for one task. Kernels have no derivative: a transform that
 differentiates through ``run`` with ``torch.func`` itself must put that work in a
 :meth:`~Bound.piece`, or it is not declared ``segmented`` and ``hf.compile`` refuses it.
+
+A whole call is traced too (:func:`traced_call`): with at most k inner steps the eager algorithm
+is compiled as one kernel (:func:`one_kernel`); with more, the algorithm on its kernels is traced
+into a *program* (:func:`program`) of kernel calls and the algorithm's own arithmetic between them
+(cotangent sums, interpolations), replayed without the Python around the kernels.
 """
 
 from __future__ import annotations
