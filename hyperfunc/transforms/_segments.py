@@ -128,14 +128,14 @@ def _trace(fn: Callable, args: tuple) -> torch.fx.GraphModule:
 
 
 def _trace_or_none(fn: Callable, args: tuple) -> Optional[torch.fx.GraphModule]:
-    """:func:`_trace` of a whole call that has run for real on ``args`` (which raised the call's own
-    errors), or None where the trace fails: Python that reads a tensor's value, a kernel signature
+    """:func:`_trace` of a whole call that has run for real on ``args`` (already :func:`_distinct`; the run
+    raised the call's own errors), or None where the trace fails: Python that reads a tensor's value, a kernel signature
     the real run did not compile, an operation the fake tensors refuse (``torch.func.jvp`` of
     ``forward``'s ``prepare`` with per-task hyperparameters, torch 2.13), inputs another transform wraps."""
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return None
     try:
-        return _trace(fn, _distinct(args))
+        return _trace(fn, args)
     except Exception:  # noqa: BLE001 (the call itself went through: what failed is its trace)
         return None
 
@@ -148,9 +148,10 @@ def one_kernel(fn: Callable, args: tuple, segments: Segments) -> Callable:
     dynamo's to trace (:func:`_compiled`)."""
     if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
         return _compiled(fn, args, segments)
+    args = _distinct(args)
     fn(*args)
     graph = _trace_or_none(fn, args)
-    return fn if graph is None else _backend(graph, _distinct(args), segments)
+    return fn if graph is None else _backend(graph, args, segments)
 
 
 def program(fn: Callable, args: tuple, segments: Segments) -> Callable:
@@ -168,7 +169,7 @@ def program(fn: Callable, args: tuple, segments: Segments) -> Callable:
     A call that cannot be traced (:func:`_trace_or_none`) stays ``fn``: the algorithm calling its
     kernels from Python, as right and slower."""
     fn(*args)
-    graph = _trace_or_none(fn, args)
+    graph = _trace_or_none(fn, _distinct(args))
     if graph is None:
         return fn
     for node in graph.graph.nodes:
