@@ -73,18 +73,31 @@ def rss_peak_growth(fn: Callable[[], Any]) -> int:
     return _status_bytes("VmHWM") - base
 
 
-def median_seconds(*fns: Callable[[], Any], reps: int) -> list[float]:
-    """Median wall-clock seconds of each function, their repetitions interleaved after one warm-up
-    call each, so that a slow drift of the machine's speed affects them alike."""
+def median_seconds(*fns: Callable[[], Any], reps: int, sample: float = 0.02) -> list[float]:
+    """Median wall-clock seconds per call of each function, their repetitions interleaved after one warm-up
+    call each, so that a slow drift of the machine's speed affects them alike. Each repetition times
+    ``n`` calls in a row (``n`` set by a second, timed warm-up call so that they last about ``sample``
+    seconds; 1 for a call longer than that): a call of a fraction of a millisecond, timed alone after
+    another route's call, would measure the caches that call left cold and the timer's resolution
+    rather than the steady state of a training loop that calls it again and again."""
     for fn in fns:
         fn()
+    counts = [_calls_per(sample, fn) for fn in fns]
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, samples in zip(fns, times):
+        for fn, n, samples in zip(fns, counts, times):
             start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
+            for _ in range(n):
+                fn()
+            samples.append((time.perf_counter() - start) / n)
     return [statistics.median(samples) for samples in times]
+
+
+def _calls_per(seconds: float, fn: Callable[[], Any]) -> int:
+    """How many calls of ``fn`` last about ``seconds`` (at least one), from one timed call."""
+    start = time.perf_counter()
+    fn()
+    return max(1, round(seconds / (time.perf_counter() - start)))
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
