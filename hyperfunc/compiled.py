@@ -90,9 +90,10 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     the whole call instead: the eager algorithm traced as one kernel, whose graph grows with T only up
     to k, and which ``hf.vmap`` calls on the tasks' tensors without entering ``vmap`` (whose entry
     and exit, with TensorDict inputs, cost as much as the kernel's own wrapper at T = 10). On ANIL
-    sinusoids at T = 10, ``python benchmarks/compiled.py --steps 10 --no-peers`` measured 0.7-1.4 ms
-    per meta-batch of 10 (2.2x-4.3x the compiled floor of the inner loop alone, to which the body's
-    forward and backward add 1.4x-1.8x) where segments took 2.3-3.8 ms.
+    sinusoids at T = 10, ``python benchmarks/compiled.py --segments 10 50`` measured 0.6-1.4 ms per
+    meta-batch of 10, 1.07x-1.35x the compiled inner loop plus the body's forward and backward (the
+    benchmark's lower bound; ``unroll`` 1.15x, the whole-loop compile 1.10x), where segments took
+    2.3-3.8 ms.
 
     A longer horizon (T > k) is traced as a *program*: the first call runs the algorithm on its kernels
     for real, which compiles them, then traces it once more with each kernel call one opaque operator;
@@ -106,7 +107,7 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
     accumulation, HPO-SGLD, HyperDistill's state average) runs k steps per kernel; the pieces that
     differentiate the step or the outer loss themselves (``implicit``'s solve at :math:`w_T`,
     ``distill``'s distilled VJP) are one kernel each. The segment length trades compile time
-    (about linear in k: ``unroll`` at T = 1000 compiles in 36.2 s cold with k = 10, 131.1 s with k = 50)
+    (about linear in k: ``unroll`` at T = 1000 compiles in 38.5 s cold with k = 10, 150.2 s with k = 50)
     for per-call overhead.
 
     Each kernel is traced once per input signature by ``make_fx`` (functionalized) into
