@@ -14,7 +14,9 @@ Routes:
   leaves that work out; at T = 10 it outweighs the steps;
 - hyperfunc eager: ``torch.func.vmap(hg)``; ``torch.compile(torch.func.vmap(hg))`` (whole loop traced,
   T = 10 only: its compile time grows with T); ``hf.compile(hf.vmap(hg), segment=k)``, and with
-  ``--cpp-wrapper`` also with ``options={"cpp_wrapper": True}`` (inductor's C++ wrapper);
+  ``--cpp-wrapper`` also with ``options={"cpp_wrapper": True}`` (inductor's C++ wrapper); for ``unroll``
+  also ``hf.compile(..., backend="eager")``: the same traced graphs run op by op, without inductor's code
+  generation (a first call of seconds, no C compiler);
 - eager lower bound: the unrolled loop batched by hand (one ``bmm`` per product) and differentiated by
   plain autograd, without ``torch.func``: what any autograd-based eager hypergradient costs at least;
 - peers (T <= 100): a hand-written ``torch.func`` vmap of the unrolled loop, TorchOpt's functional
@@ -382,6 +384,13 @@ def speed_table(
                 fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=k, **options)
                 label = f"hyperfunc {name}, hf.compile(segment={k}{', cpp_wrapper' if options else ''})"
                 routes[label] = ((lambda c=fast, a=args_n: mean_grads(c(*a))), check)
+        if name == "unroll":  # the traced graphs replayed by torch's eager backend: no code generation
+            traced = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=segments[0], backend="eager")
+            start = time.perf_counter()
+            traced(*args_n)
+            print(f"hf.compile(backend='eager') first call at T = {steps}: {time.perf_counter() - start:.1f} s")
+            label = f"hyperfunc unroll, hf.compile(segment={segments[0]}, backend='eager')"
+            routes[label] = ((lambda c=traced, a=args_n: mean_grads(c(*a))), True)
         if whole and name == "unroll":
             whole_fn = torch.compile(torch.func.vmap(hg, in_dims=IN_DIMS))
             start = time.perf_counter()
