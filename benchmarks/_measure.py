@@ -97,7 +97,7 @@ def _calls_per(seconds: float, fn: Callable[[], Any]) -> int:
     """How many calls of ``fn`` last about ``seconds`` (at least one), from one timed call."""
     start = time.perf_counter()
     fn()
-    return max(1, round(seconds / (time.perf_counter() - start)))
+    return max(1, round(seconds / max(time.perf_counter() - start, 1e-9)))
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
