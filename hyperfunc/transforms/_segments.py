@@ -99,10 +99,16 @@ def _compiled(fn: Callable, args: tuple, segments: Segments) -> Callable:
     checked. Tensors a loss closes over become constants of the graph, held by reference (fake tensors
     trace langevin's kernels in 2.2-2.4 s, the real inputs in 3.4-3.8 s). Inputs that another transform
     still wraps (a vmap around ``hf.vmap``) are dynamo's to trace through, with ``torch.compile``."""
-    if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
+    if _wrapped(args):
         return torch.compile(_own_code(fn), **segments.options)
     args = _distinct(args)
     return _backend(_trace(fn, args), args, segments)
+
+
+def _wrapped(args: tuple) -> bool:
+    """Whether another transform (a ``vmap`` around ``hf.vmap``) still wraps one of ``args``: dynamo's to
+    trace through, not ``make_fx``'s."""
+    return any(_functorch.is_functorch_wrapped_tensor(x) for x in args)
 
 
 def _backend(graph: torch.fx.GraphModule, args: tuple, segments: Segments) -> Callable:
@@ -128,12 +134,11 @@ def _trace(fn: Callable, args: tuple) -> torch.fx.GraphModule:
 
 
 def _trace_or_none(fn: Callable, args: tuple) -> Optional[torch.fx.GraphModule]:
-    """:func:`_trace` of a whole call that has run for real on ``args`` (already :func:`_distinct`; the run
-    raised the call's own errors), or None where the trace fails: Python that reads a tensor's value, a kernel signature
-    the real run did not compile, an operation the fake tensors refuse (``torch.func.jvp`` of
-    ``forward``'s ``prepare`` with per-task hyperparameters, torch 2.13), inputs another transform wraps."""
-    if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
-        return None
+    """:func:`_trace` of a whole call that has run for real on ``args`` (already :func:`_distinct`, none
+    :func:`_wrapped`; the run raised the call's own errors), or None where the trace fails: Python that
+    reads a tensor's value, a kernel signature the real run did not compile, an operation the fake
+    tensors refuse (``torch.func.jvp`` of ``forward``'s ``prepare`` with per-task hyperparameters,
+    torch 2.13)."""
     try:
         return _trace(fn, args)
     except Exception:  # noqa: BLE001 (the call itself went through: what failed is its trace)
@@ -146,7 +151,7 @@ def one_kernel(fn: Callable, args: tuple, segments: Segments) -> Callable:
     mistake in the call raises its own error rather than one from the trace; a call that cannot be
     traced (:func:`_trace_or_none`) stays ``fn``, eager. Inputs that another transform wraps are
     dynamo's to trace (:func:`_compiled`)."""
-    if any(_functorch.is_functorch_wrapped_tensor(x) for x in args):
+    if _wrapped(args):
         return _compiled(fn, args, segments)
     args = _distinct(args)
     fn(*args)
@@ -167,7 +172,10 @@ def program(fn: Callable, args: tuple, segments: Segments) -> Callable:
     (a step count, a shape) are fixed in it, as in every kernel; the caller keys it by what fixes them.
 
     A call that cannot be traced (:func:`_trace_or_none`) stays ``fn``: the algorithm calling its
-    kernels from Python, as right and slower."""
+    kernels from Python, as right and slower; so does one whose inputs another transform wraps
+    (without a real run first: its kernels compile at the call)."""
+    if _wrapped(args):
+        return fn
     fn(*args)
     graph = _trace_or_none(fn, _distinct(args))
     if graph is None:
