@@ -1,7 +1,7 @@
 """hyperfunc: hypergradients through functional inner loops, built on ``torch.func``."""
 
 from . import diagnostics, distributed, linalg, online, optim, tasks
-from .compiled import Vmapped, compile, vmap
+from .compile import Vmapped, compile, vmap
 from .diagnostics import Agreement, agreement, compare
 from .loop import InnerLoop
 from .modules import functional_call, module_state

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ._torch import is_wrapped
+
 
 def check_int(value: Any, name: str, low: int) -> int:
     """Raise unless ``value`` is an integer ``>= low``; return it as an int."""
@@ -56,7 +58,7 @@ def concrete(x: Any) -> bool:
         not torch.compiler.is_compiling()  # first: dynamo cannot trace the functorch query below
         and torch.is_tensor(x)
         and x.device.type == "cpu"
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not is_wrapped(x)
     )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ._torch import OpOverload, is_mutable_op
+
 
 def pure_call(node: torch.fx.Node) -> bool:
     """A call whose result is a function of its arguments alone: an operator that mutates nothing and
@@ -21,14 +23,13 @@ def pure_call(node: torch.fx.Node) -> bool:
         return False
     if node.target is operator.getitem:
         return True
-    if not isinstance(node.target, torch._ops.OpOverload) or _mutates(node):
+    if not isinstance(node.target, OpOverload) or _mutates(node):
         return False
     return torch.Tag.nondeterministic_seeded not in node.target.tags
 
 
 def _mutates(node: torch.fx.Node) -> bool:
-    target = node.target
-    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+    return node.op == "call_function" and is_mutable_op(node.target)
 
 
 def _key(x: Any) -> Any:

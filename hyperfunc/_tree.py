@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from tensordict import TensorDict, TensorDictBase
+
+from ._torch import tree_leaves, tree_map
 
 Leaves = tuple[torch.Tensor, ...]
 Keys = tuple[Any, ...]
@@ -98,9 +99,9 @@ def tree_index(tree: Any, index: Any) -> Any:
     """Select ``index`` along the leading dimension of every tensor leaf of a pytree (an int, a 0-d
     integer tensor, e.g. a step index traced in a compiled kernel, or a tuple of index tensors)."""
     if torch.is_tensor(index) and index.dim() == 0:  # x[t] would read the value (a graph break when traced)
-        return pytree.tree_map(lambda x: x.index_select(0, index.reshape(1))[0] if torch.is_tensor(x) else x, tree)
-    return pytree.tree_map(lambda x: x[index] if torch.is_tensor(x) else x, tree)
+        return tree_map(lambda x: x.index_select(0, index.reshape(1))[0] if torch.is_tensor(x) else x, tree)
+    return tree_map(lambda x: x[index] if torch.is_tensor(x) else x, tree)
 
 
 def tensor_leaves(tree: Any) -> list[torch.Tensor]:
-    return [x for x in pytree.tree_leaves(tree) if torch.is_tensor(x)]
+    return [x for x in tree_leaves(tree) if torch.is_tensor(x)]

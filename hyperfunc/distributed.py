@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils import _pytree as pytree
 
 from ._checks import check_int, check_seed
+from ._torch import tree_flatten, tree_leaves, tree_map, tree_structure, tree_unflatten
 
 __all__ = ["broadcast", "mean", "rank_seed", "shard", "shard_range", "world"]
 
@@ -78,14 +78,14 @@ def shard(tree: Any, group: Optional[Any] = None) -> Any:
         >>> distributed.shard((torch.zeros(4, 2), torch.arange(4)))[1]
         tensor([0, 1, 2, 3])
     """
-    leaves = [x for x in pytree.tree_leaves(tree) if torch.is_tensor(x)]
+    leaves = [x for x in tree_leaves(tree) if torch.is_tensor(x)]
     if not leaves or any(x.ndim == 0 for x in leaves):
         raise ValueError("shard(tree): every tensor in tree needs a leading task dimension")
     sizes = {x.shape[0] for x in leaves}
     if len(sizes) != 1:
         raise ValueError(f"shard(tree): the tensors of tree disagree on the number of tasks: {sorted(sizes)}")
     part = shard_range(sizes.pop(), group)
-    return pytree.tree_map(lambda x: x[part.start : part.stop] if torch.is_tensor(x) else x, tree)
+    return tree_map(lambda x: x[part.start : part.stop] if torch.is_tensor(x) else x, tree)
 
 
 def rank_seed(seed: int, group: Optional[Any] = None) -> int:
@@ -135,15 +135,15 @@ def mean(result: Any, group: Optional[Any] = None) -> Any:
             "mean(result): result.loss must have one entry per task; pass the output of "
             "torch.func.vmap(hg, ...) on this rank's tasks, not an already averaged HyperGrad"
         )
-    leaves = pytree.tree_leaves((result.grads, result.loss))
-    spec = pytree.tree_structure((result.grads[0], result.loss[0]))  # one task's structure (batch_size [])
+    leaves = tree_leaves((result.grads, result.loss))
+    spec = tree_structure((result.grads[0], result.loss[0]))  # one task's structure (batch_size [])
     n = result.loss.shape[0]
     sums = [x.sum(0) for x in leaves]
     count = torch.tensor(float(n), dtype=result.loss.dtype, device=result.loss.device)
     totals = _all_reduce_sum([*sums, count], group)
     total_count = totals[-1]
     means = [s / total_count.to(s.dtype) for s in totals[:-1]]  # exact: the count is a small integer
-    grads, loss = pytree.tree_unflatten(means, spec)
+    grads, loss = tree_unflatten(means, spec)
     return result._replace(grads=grads, loss=loss)
 
 
@@ -159,7 +159,7 @@ def broadcast(tree: Any, src: int = 0, group: Optional[Any] = None) -> Any:
         {'lr': tensor(0.1000)}
     """
     src = check_int(src, "src", 0)
-    leaves, spec = pytree.tree_flatten(tree)
+    leaves, spec = tree_flatten(tree)
     _, size = world(group)
     if src >= size:
         raise ValueError(f"src must be a rank in [0, {size}), got {src}")
@@ -168,12 +168,12 @@ def broadcast(tree: Any, src: int = 0, group: Optional[Any] = None) -> Any:
     if size == 1:
         for i in tensors:
             out[i] = leaves[i].detach().clone()
-        return pytree.tree_unflatten(out, spec)
+        return tree_unflatten(out, spec)
     for idx, flat in _flat_groups([leaves[i] for i in tensors]):
         dist.broadcast(flat, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
         for j, piece in zip(idx, _split(flat, [leaves[tensors[j]] for j in idx])):
             out[tensors[j]] = piece
-    return pytree.tree_unflatten(out, spec)
+    return tree_unflatten(out, spec)
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor], group: Optional[Any]) -> list[torch.Tensor]:

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
+
+from ._torch import tree_leaves, tree_map
 
 __all__ = ["mixed_precision"]
 
@@ -42,11 +43,11 @@ def mixed_precision(fn: Callable, dtype: torch.dtype = torch.bfloat16) -> Callab
         raise ValueError(f"mixed_precision(fn, dtype): dtype must be torch.bfloat16 or torch.float16, got {dtype}")
 
     def evaluated(*args: Any) -> Any:
-        master = next((x for x in pytree.tree_leaves(args) if torch.is_tensor(x) and x.is_floating_point()), None)
+        master = next((x for x in tree_leaves(args) if torch.is_tensor(x) and x.is_floating_point()), None)
         if master is None:
             raise TypeError("mixed_precision: the function's inputs hold no floating-point tensor")
         with torch.autocast(master.device.type, dtype=dtype):
             out = fn(*args)
-        return pytree.tree_map(lambda x: x.to(master.dtype) if torch.is_tensor(x) and x.is_floating_point() else x, out)
+        return tree_map(lambda x: x.to(master.dtype) if torch.is_tensor(x) and x.is_floating_point() else x, out)
 
     return evaluated

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
+
+from ._torch import keystr, tree_flatten_with_path, tree_unflatten
 
 __all__ = ["from_state_dict", "to_state_dict"]
 
@@ -30,8 +31,8 @@ def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
         {"['hparams']['w']": tensor([1., 1.]), "['step']": tensor(3)}
     """
     out = {}
-    for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
-        key = pytree.keystr(path)
+    for path, leaf in tree_flatten_with_path(tree)[0]:
+        key = keystr(path)
         if torch.is_tensor(leaf):
             out[key] = leaf.detach().clone()
         elif isinstance(leaf, _NUMBERS):
@@ -55,8 +56,8 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
     """
     if not isinstance(state, dict):
         raise TypeError(f"from_state_dict(state, like): state must be a dict, got {type(state).__name__}")
-    flat, spec = pytree.tree_flatten_with_path(like)
-    keys = [pytree.keystr(path) for path, _ in flat]
+    flat, spec = tree_flatten_with_path(like)
+    keys = [keystr(path) for path, _ in flat]
     missing = [k for k, (_, leaf) in zip(keys, flat) if leaf is not None and k not in state]
     extra = sorted(set(state) - set(keys))
     if missing or extra:
@@ -79,4 +80,4 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
             leaves.append(saved.to(leaf.device, copy=True))
         else:
             leaves.append(type(leaf)(saved.item()))
-    return pytree.tree_unflatten(leaves, spec)
+    return tree_unflatten(leaves, spec)

@@ -24,7 +24,10 @@ def test_cg_stays_finite_when_b_leaves_the_range_of_a_singular_matrix(dtype, ite
     U = torch.linalg.svd(A)[0][:, :6]
     outside = (b - U @ (U.T @ b)).norm()
     assert sol.residual >= outside * (1 - 1e-3)
-    assert sol.residual <= b.norm()
+    # never worse than x = 0, whose residual is |b|: on this system CG's first step raises the residual in exact
+    # arithmetic (|r_1|^2/|b|^2 = |b|^2 |Ab|^2/(b'Ab)^2 - 1 > 1), so x = 0 is returned and both sides are |b|,
+    # summed in different orders: n squares summed in floating point differ by at most n eps relatively
+    assert sol.residual <= b.norm() * (1 + A.shape[0] * torch.finfo(dtype).eps)
 
 
 def test_cg_on_a_consistent_singular_system_gives_the_minimum_norm_solution():

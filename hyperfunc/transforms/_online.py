@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 from tensordict import TensorDictBase
 
 from .._checks import check_int, concrete
-from .._tree import Leaves, check_tensordict
+from .._tree import Leaves
 from ..loop import InnerLoop, Loss
-from .base import Bound, HyperGrad, check_transform_args
+from .base import Bound, HyperGrad, Inputs, check_transform_args
 
 
 class OnlineState(NamedTuple):
@@ -51,19 +51,19 @@ class Session(NamedTuple):
         check_transform_args(loop, outer_loss)
         return cls(dataclasses.replace(loop, full_batch=True), outer_loss)
 
-    def start(self, hparams: Any, params0: Any, buffers: Any, extra: Callable[[Bound], Any]) -> OnlineState:
-        """Validate the inputs once and build the first state, with ``extra(bound)`` as running quantities."""
+    def start(self, hparams: Any, params0: Any, buffers: Any, extra: Callable[[Inputs, Leaves], Any]) -> OnlineState:
+        """Validate the inputs once and build the first state, with ``extra(inputs, s_0)`` as running quantities
+        (``inputs``: the validated :class:`~.base.Inputs`; ``s_0``: the flat initial optimizer state)."""
         if not isinstance(params0, TensorDictBase):
             raise TypeError(
                 "online methods need params0 as a TensorDict (the hyperparameters change during the inner run, so "
                 "an initialization learned by hypergradient needs an offline transform, or hf.reptile outside), "
                 f"got {type(params0).__name__}"
             )
-        check_tensordict(hparams, "hparams")
-        check_tensordict(params0, "params0")
-        bound = Bound.bind(self.loop, self.outer_loss, hparams, params0, (params0,), None, buffers)
-        inner = self.loop.optimizer.init(params0.detach())
-        return OnlineState(inner, extra(bound), bound.buffers)
+        inputs = Inputs.of(hparams, params0, buffers)
+        inner = self.loop.optimizer.init(inputs.p0)
+        s0 = self.loop.optimizer._state_leaves(inner, inputs.pkeys)
+        return OnlineState(inner, extra(inputs, s0), inputs.buffers)
 
     def bind(self, state: Any, hparams: Any, batch: Any, outer_batch: Any, t: Any) -> tuple[Bound, Leaves, int]:
         """The problem of one step (``t`` 0-based) on its batch, and the flat optimizer state."""

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.utils._pytree as pytree
 
 from .._checks import check_real, check_seed, concrete, warn_outside
-from .._tree import Leaves, add, dot, safe_divide, scale, tensor_leaves, tree_index
+from .._torch import tree_map
+from .._tree import Leaves, dot, safe_divide, tensor_leaves, tree_index
 from ..loop import InnerLoop, Loss
 from ..optim._noise import bits
 from ._online import Online, OnlineState, Session
-from ._segments import split
+from ._primitives import split
 from .base import (
     Bound,
     HyperCotangent,
@@ -30,7 +30,6 @@ from .base import (
     check_transform_args,
     make_transform,
     refuse_loop,
-    step_index,
     step_number,
 )
 from .greedy import check_gamma
@@ -71,7 +70,7 @@ def merge(old: Any, new: Any, keep: int, seed: int, step: int, stream: int) -> A
     def pick(a: Any, b: Any) -> Any:
         return torch.cat([a[take_old], b[take_new]]) if torch.is_tensor(b) else b
 
-    return pytree.tree_map(pick, old, new)
+    return tree_map(pick, old, new)
 
 
 def step_indices(n: int, t: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +125,7 @@ def distilled_vjp(bound: Bound, dist: Distilled, b: Any, t: int, alpha: Leaves) 
     Module buffers are not averaged (integer counters cannot be): the step at :math:`s^*` runs with
     the current buffers ``b``. One :meth:`Bound.piece` (a compiled kernel under ``hf.compile``)."""
     D = () if dist.D is None else dist.D
-    out = bound.piece("distilled_vjp", _distilled_vjp, b, (dist.s, alpha), (D, (step_index(alpha, t),)))
+    out = bound.piece("distilled_vjp", _distilled_vjp, b, (dist.s, alpha), (D, (t,)))
     return HyperCotangent(*split(out, len(bound.h)))
 
 
@@ -189,9 +188,9 @@ def _warn_theta(theta: torch.Tensor) -> None:
 
 def estimate(bound: Bound, gamma: float, seed: int) -> Estimate:
     r"""Algorithm 4 (LinearEstimation) on one bound problem; see :func:`linear_estimation`."""
-    steps, prep = bound.loop.steps, bound.prep
+    steps = bound.loop.steps
     s0 = bound.initial()
-    sT, bT = bound.run(s0, bound.buffers, bound.h, prep.rebuild(prep.d), 0, steps)
+    sT, bT = bound.run(s0, bound.buffers, 0, steps)
     xs, ys, dist = [], [], [None]
 
     def on_step(t: int, s_hat: Leaves, second: HyperCotangent, alpha_T: Leaves) -> None:
@@ -355,7 +354,7 @@ def online_distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLo
         session = Session.of(loop, outer_loss)
 
         def init(hparams, params0, buffers=None) -> OnlineState:
-            return session.start(hparams, params0, buffers, lambda bound: (bound.initial(), ()))
+            return session.start(hparams, params0, buffers, lambda inputs, s0: (s0, ()))
 
         def step(state, hparams, batch, outer_batch, t):
             bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
@@ -368,12 +367,12 @@ def online_distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLo
                 D_star = merge(D_star, batch, keep_count(batch_size(batch, "batch"), p), seed, t, 0)
             else:
                 D_star = batch
-            s_new, b_new = bound.run(s, bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), t, t + 1)
-            loss, alpha, direct = bound.outer_vjp(s_new, b_new)
-            star = session.bind(state, hparams, D_star, outer_batch, t)[0]
-            v = star.to_hparams(distilled_vjp(star, Distilled(s_star, None), b_new, t, alpha))
-            grads = add(direct.h, scale(theta * horizon(gamma, t + 1), v))
-            result = star.finish(Outcome(HyperCotangent(grads, ()), loss, s_new, b_new, InitTerm.ABSENT))
+            s_new, b_new = bound.run(s, bound.buffers, t, t + 1)
+            star = bound.on(D_star)  # the rest on the distilled batch: its prepare, its one pullback
+            loss, alpha, direct = star.outer_vjp(s_new, b_new)
+            v = distilled_vjp(star, Distilled(s_star, None), b_new, t, alpha)
+            cot = direct.plus(v.times(theta * horizon(gamma, t + 1)))
+            result = star.finish(Outcome(cot, loss, s_new, b_new, InitTerm.ABSENT))
             return result, session.state(bound, s_new, b_new, t, (s_star, D_star))
 
         return Online(init, step)

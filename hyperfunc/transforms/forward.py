@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch.func import jvp, vmap
 
+from .._torch import tree_map
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
+from ._executor import Prepared
 from ._online import Online, OnlineState, Session
-from .base import Bound, HyperCotangent, HyperGradFunction, InitTerm, Outcome, make_transform
+from ._primitives import prepare
+from .base import Bound, HyperCotangent, HyperGradFunction, InitTerm, Inputs, Outcome, make_transform
 
 
 def _first(outputs: tuple, *positions: int) -> tuple:
@@ -20,7 +22,7 @@ def _first(outputs: tuple, *positions: int) -> tuple:
     The primal outputs of a vmapped JVP do not depend on the tangent, so every row is the same;
     they are returned batched (``out_dims=None`` fails when an enclosing ``vmap`` batches them).
     """
-    return tuple(pytree.tree_map(lambda x: x[0], out) if i in positions else out for i, out in enumerate(outputs))
+    return tuple(tree_map(lambda x: x[0], out) if i in positions else out for i, out in enumerate(outputs))
 
 
 class ForwardState(NamedTuple):
@@ -45,23 +47,25 @@ def basis(h: Leaves) -> Leaves:
 
 class Tangents(NamedTuple):
     """A bound problem linearized for forward mode: the basis ``E`` of the hyperparameters and the
-    prepared batches ``d`` with their tangents ``Zd = dd/dλ`` (``prepare`` pushed forward once)."""
+    tangents ``Zd = dd/dλ`` of the prepared floats ``d`` (``prepare`` pushed forward once, its result
+    the ``bound``'s prepared batches)."""
 
     bound: Bound
     E: Leaves
-    d: Leaves
     Zd: Leaves
-    rebuild: Any
 
     @classmethod
     def of(cls, bound: Bound) -> Tangents:
         h, E = bound.h, basis(bound.h)
         if bound.loop.prepare is None:
-            return cls(bound, E, (), (), lambda d: bound.batches)
-        fn, rebuild_with = bound.prepare_fn()
+            return cls(bound, E, ())
+        layout: list = []
+
+        def fn(h: Leaves) -> tuple:
+            return prepare(bound.loop, bound.hkeys, h, bound.batches, layout)
+
         d, Zd, others = _first(vmap(lambda e: jvp(fn, (h,), (e,), has_aux=True))(E), 0, 2)
-        bound.prepared_by(d, rebuild_with(others))
-        return cls(bound, E, d, Zd, rebuild_with(others))
+        return cls(bound.with_prepared(Prepared(d, others, layout[0], None)), E, Zd)
 
     def init(self, s: Leaves, b: Any, t: int = 0) -> ForwardState:
         r""":math:`s_0` and :math:`Z_0 = ds_0/d\lambda` (zero unless ``params0`` is learned and its exact
@@ -76,7 +80,7 @@ class Tangents(NamedTuple):
     def advance(self, state: ForwardState, stop: int) -> ForwardState:
         r"""Steps ``t..stop-1``: :math:`s_{t+1} = \Phi(s_t)`, :math:`Z_{t+1} = A_{t+1} Z_t + B_{t+1}`
         (:meth:`Bound.run_jvp`: one VJP per step, transposed for all ``H`` directions)."""
-        s, b, Z = self.bound.run_jvp(state.s, state.b, state.Z, self, state.t, stop)
+        s, b, Z = self.bound.run_jvp(state.s, state.b, state.Z, self.E, self.Zd, state.t, stop)
         return ForwardState(stop, s, b, Z)
 
     def hypergrad(self, state: ForwardState) -> tuple[Leaves, torch.Tensor]:
@@ -147,9 +151,9 @@ def online_forward(loop: InnerLoop, outer_loss: Loss) -> Online:
     """
     session = Session.of(loop, outer_loss)
 
-    def zero_tangents(bound: Bound) -> Leaves:
-        H = sum(x.numel() for x in bound.h)
-        return tuple(x.new_zeros((H, *x.shape)) for x in bound.initial())
+    def zero_tangents(inputs: Inputs, s0: Leaves) -> Leaves:
+        H = sum(x.numel() for x in inputs.h)
+        return tuple(x.new_zeros((H, *x.shape)) for x in s0)
 
     def init(hparams, params0, buffers=None) -> OnlineState:
         return session.start(hparams, params0, buffers, zero_tangents)

@@ -98,7 +98,7 @@ def accumulating(loop: InnerLoop, outer_loss: Loss, gamma: float) -> Online:
     session = Session.of(loop, outer_loss)
 
     def init(hparams, params0, buffers=None) -> OnlineState:
-        return session.start(hparams, params0, buffers, lambda bound: build(bound.hkeys, bound.zeros_h()))
+        return session.start(hparams, params0, buffers, lambda inputs, s0: build(inputs.hkeys, zeros_like(inputs.h)))
 
     def step(state, hparams, batch, outer_batch, t):
         bound, s, t = session.bind(state, hparams, batch, outer_batch, t)

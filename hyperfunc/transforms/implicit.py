@@ -13,7 +13,7 @@ from .._checks import check_int, check_real, warn_outside
 from .._tree import Leaves, axpy, dot, safe_divide
 from ..loop import InnerLoop, Loss
 from ._online import Online, OnlineState, Session
-from ._segments import split
+from ._primitives import split
 from .base import Bound, HyperCotangent, InitTerm, Outcome, Transform, check_transform_args, make_transform, refuse_loop
 from .reverse import HyperGradFn
 
@@ -187,7 +187,7 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
 
         def algorithm(bound: Bound) -> Outcome:
             s0 = bound.initial()
-            sT, bT = bound.run(s0, bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), 0, loop.steps)
+            sT, bT = bound.run(s0, bound.buffers, 0, loop.steps)
             out = bound.piece("ift", at_end, bT, (s0, sT))
             ct_h, ct_d, (loss, residual, stationarity) = split(out, len(bound.h), len(bound.prep.d))
             return Outcome(HyperCotangent(ct_h, ct_d), loss, sT, bT, InitTerm.ABSENT, (residual, stationarity))
@@ -234,7 +234,7 @@ def online_implicit(
         ift = ift_for(session.loop)
 
         def init(hparams, params0, buffers=None) -> OnlineState:
-            return session.start(hparams, params0, buffers, lambda bound: torch.zeros((), dtype=bound.h[0].dtype))
+            return session.start(hparams, params0, buffers, lambda inputs, s0: torch.zeros((), dtype=inputs.h[0].dtype))
 
         def step(state, hparams, batch, outer_batch, t):
             bound, s, t = session.bind(state, hparams, batch, outer_batch, t)
@@ -245,7 +245,7 @@ def online_implicit(
             if t == 0:  # the scale of the stationarity diagnostic: the inner gradient before the first step
                 g_0 = ift.inner_grad(bound, bound.params(s), bound.h, prep.d, bound.buffers)
                 g_0_norm = dot(g_0, g_0).sqrt().detach()
-            s, b = bound.run(s, bound.buffers, bound.h, prep.rebuild(prep.d), t, t + 1)
+            s, b = bound.run(s, bound.buffers, t, t + 1)
             out = ift(bound, s, b, g_0_norm)
             result = _with_diagnostics(bound.finish(out), out.aux)
             return result, session.state(bound, s, b, t, g_0_norm)

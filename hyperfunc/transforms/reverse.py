@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 
 from .._checks import check_int
+from .._rng import rng_state, set_rng_state
 from .._tree import Leaves
 from ..loop import InnerLoop, Loss
-from ._segments import rng_state, set_rng_state
 from .base import (
     HyperCotangent,
     HyperGradFunction,
@@ -38,8 +38,7 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
     """
     steps = bound.loop.steps
     first = steps - min(depth, steps)
-    batches = bound.prep.rebuild(bound.prep.d)
-    s, b = bound.run(bound.initial(), bound.buffers, bound.h, batches, 0, first)
+    s, b = bound.run(bound.initial(), bound.buffers, 0, first)
     every = every or max(steps - first, 1)
     starts = list(range(first, steps, every)) or [first]
     stops = starts[1:] + [steps]
@@ -52,7 +51,7 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
         )
     for start, stop in zip(starts[:-1], stops[:-1]):
         rng.append(rng_state(s))
-        checkpoints.append(bound.run(*checkpoints[-1], bound.h, batches, start, stop))
+        checkpoints.append(bound.run(*checkpoints[-1], start, stop))
     s_last, b_last = checkpoints[-1]
     loss, (final, b_final), ct_s, cot = bound.run_outer_vjp(s_last, b_last, starts[-1], steps)
     after = rng_state(s_last) if rng else None
@@ -235,7 +234,7 @@ def drmad(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
 
     def algorithm(bound) -> Outcome:
         s0 = bound.initial()
-        sT, bT = bound.run(s0, bound.buffers, bound.h, bound.prep.rebuild(bound.prep.d), 0, loop.steps)
+        sT, bT = bound.run(s0, bound.buffers, 0, loop.steps)
         loss, cot, ct_s0 = drmad_pass(bound, s0, sT, bT)
         return Outcome(cot, loss, sT, bT, ct_s0)
 

@@ -17,9 +17,10 @@ from typing import Any, Optional
 
 import torch
 
-from ._checks import check_int
-from .transforms._segments import Segments, compiler
-from .transforms.base import HyperGradFunction
+from .._checks import check_int
+from ..transforms.base import HyperGradFunction
+from ._executor import Compiled
+from ._kernels import Segments, compiler
 
 __all__ = ["Vmapped", "compile", "vmap"]
 
@@ -40,11 +41,11 @@ class Vmapped:
     def __call__(self, *args, **kwargs):
         if (
             isinstance(self.fn, HyperGradFunction)
-            and self.fn.segments is not None
+            and isinstance(self.fn.executor, Compiled)
             and not kwargs
             and self.chunk_size is None
         ):
-            result = self.fn.over_tasks(self.in_dims, args)  # the traced call on the tasks' tensors, no vmap
+            result = self.fn.executor.over_tasks(self.fn, self.in_dims, args)  # the traced call, no vmap
             if result is not None:
                 return result
         return torch.func.vmap(self.fn, in_dims=self.in_dims, chunk_size=self.chunk_size)(*args, **kwargs)
@@ -168,4 +169,4 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
         )
     options.setdefault("dynamic", False)  # symbolic shapes made the generated kernels 30x slower here
     # built here, once: mode= with options=, an unknown backend or inductor setting fail now, not at the first call
-    return replace(fn, segments=Segments(segment, options, compiler(options)))
+    return replace(fn, executor=Compiled(Segments(segment, options, compiler(options))))

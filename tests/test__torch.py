@@ -1,0 +1,29 @@
+"""hyperfunc/_torch.py: every private torch symbol resolves on this torch, and a missing one says which."""
+
+import pytest
+import torch
+
+from hyperfunc import _torch
+
+
+def test_every_private_symbol_resolves():
+    assert not _torch.missing, "\n".join(m.message() for m in _torch.missing.values())
+
+
+def test_a_missing_symbol_names_itself_and_its_use():
+    gone = _torch._symbol("torch._C._functorch:no_such_symbol", "an example use")
+    with pytest.raises(ImportError, match=r"torch\._C\._functorch:no_such_symbol \(an example use\)"):
+        gone(torch.ones(1))
+    with pytest.raises(ImportError, match="no_such_symbol"):
+        gone.Vmap
+
+
+def test_tree_children_of_a_nested_spec():
+    _, spec = _torch.tree_flatten(((torch.ones(1), 2), [3, 4, 5]))
+    assert [child.num_leaves for child in _torch.tree_children(spec)] == [2, 3]
+
+
+def test_is_mutable_op():
+    assert _torch.is_mutable_op(torch.ops.aten.add_.Tensor)
+    assert not _torch.is_mutable_op(torch.ops.aten.add.Tensor)
+    assert not _torch.is_mutable_op(print)
