@@ -412,7 +412,7 @@ def speed_table(
             {
                 "T": steps,
                 "route": label,
-                "ms": f"{1e3 * t:.1f}",
+                "ms": f"{1e3 * t:.2f}" if t < 0.01 else f"{1e3 * t:.1f}",
                 "x eager floor": f"{t / eager_floor:.2f}",
                 "x compiled floor": f"{t / compiled_floor_s:.2f}",
                 "x lower bound": f"{t / bound:.2f}",

@@ -15,6 +15,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
+from ._batch_norm import DecomposedBatchNorm
 from ._tree import build, keys_of, leaves_of, tensor_leaves
 
 
@@ -56,9 +57,13 @@ def functional_call(
     task keeps its own statistics (the returned buffers are batched like the inputs). The usual
     BatchNorm modes work: batch statistics in train mode, running statistics in eval mode
     (``module.eval()``), and ``track_running_stats=False`` (no buffers). ``buffers=None`` is for a
-    module without buffers and returns ``None``.
+    module without buffers and returns ``None``. Batch normalization runs as elementary operations
+    (``torch.nn.functional.batch_norm`` sent to ``hyperfunc._batch_norm`` by a ``TorchFunctionMode``):
+    torch 2.14-2.15's native kernel fails in the double backward under ``vmap`` that a
+    hypergradient through BatchNorm needs.
 
-    Cost: the module's forward, plus one copy of each buffer.
+    Cost: the module's forward (every torch function call in it passes the mode's Python hook), plus
+    one copy of each buffer.
 
     Example:
         >>> import torch, hyperfunc as hf
@@ -91,7 +96,8 @@ def functional_call(
     pkeys = keys_of(params)
     state = {_name(k): v for k, v in zip(pkeys, leaves_of(params, pkeys))}
     state.update({_name(k): v for k, v in zip(bkeys, copies)})
-    out = torch.func.functional_call(module, state, args, kwargs, strict=True)
+    with DecomposedBatchNorm():  # BatchNorm's double backward under vmap, on every torch (see _batch_norm)
+        out = torch.func.functional_call(module, state, args, kwargs, strict=True)
     return out, (None if buffers is None else build(bkeys, copies))
 
 

@@ -98,7 +98,10 @@ def test_functional_call_is_pure_and_matches_the_module():
     tree_close(buffers, before, rtol=0, atol=0)  # inputs never mutated
     reference = copy.deepcopy(net)
     torch.testing.assert_close(out, reference(x))
-    tree_close(new, TensorDict.from_module(reference).select(*buffers.keys(True, True)), rtol=0, atol=0)
+    # hyperfunc's batch statistics sum the n = N * 5 * 5 values of a channel in another order than torch's
+    # kernel (hyperfunc/_batch_norm.py): equal to n * eps relatively, for values of order one
+    bound = N * 5 * 5 * torch.finfo(DT).eps
+    tree_close(new, TensorDict.from_module(reference).select(*buffers.keys(True, True)), rtol=bound, atol=bound)
     assert net[1].num_batches_tracked == 0
 
 
