@@ -155,3 +155,63 @@ def tree_close(a, b, rtol=1e-10, atol=1e-12):
     assert set(a.keys(True, True)) == set(b.keys(True, True))
     for k in a.keys(True, True):
         torch.testing.assert_close(a.get(k), b.get(k), rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def sgld_inner(p, h, b):
+    """The inner loss of Kim & Hospedales Sec. 4.1's 1D problem (HPO-SGLD)."""
+    th = p["theta"]
+    return th**3 / 3 - (1 - h["lam"] ** 2) * th
+
+
+def sgld_outer(p, h, b):
+    """Its outer loss."""
+    th = p["theta"]
+    return (h["lam"] - th) ** 2 + (th - 0.5) ** 2
+
+
+def _grad_fn(seed=0):
+    """The gradient of a strongly convex quadratic plus a smooth wiggle, in 5 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(5, 5, generator=g, dtype=DT)
+    Q = Q @ Q.T / 5 + torch.eye(5, dtype=DT)
+    b = torch.randn(5, generator=g, dtype=DT)
+    return lambda w: Q @ w - b + 0.1 * torch.sin(3 * w)
+
+
+def compare_with_torch_optim(ours, theirs_cls, steps=25, **kw):
+    """``ours`` (a hyperfunc optimizer) against ``theirs_cls(**kw)`` trained in place on one smooth problem,
+    step by step."""
+    grad = _grad_fn()
+    w0 = torch.linspace(-1, 1, 5, dtype=DT)
+    ref = w0.clone().requires_grad_()
+    torch_opt = theirs_cls([ref], **kw)
+    state = ours.init(td(w=w0.clone()))
+    for _ in range(steps):
+        ref.grad = grad(ref.detach())
+        torch_opt.step()
+        state = ours.update(state, td(w=grad(state["params", "w"])))
+        torch.testing.assert_close(state["params", "w"], ref.detach(), rtol=1e-12, atol=1e-13)
+    assert int(state["step"]) == steps
+
+
+def anil(steps, momentum=0.9, dtype=DT):
+    """ANIL sinusoids with an 8-unit body (hf.tasks.anil_sinusoid): the small problem of the compiled routes' tests."""
+    return hf.tasks.anil_sinusoid(steps=steps, hidden=8, momentum=momentum, dtype=dtype)
+
+
+#: every built-in transform, with the inner momentum of its problem (langevin's SGLD has none), as the
+#: compiled routes' tests (tests/compile/) run them
+SEGMENTED = {
+    "unroll": (hf.unroll, 0.9),
+    "truncate(4)": (hf.truncate(4), 0.9),
+    "one_step": (hf.one_step, 0.9),
+    "first_order": (hf.first_order, 0.9),
+    "drmad": (hf.drmad, 0.9),
+    "greedy_accumulate": (hf.greedy_accumulate(0.9), 0.9),
+    "langevin": (hf.langevin(3, 4, 1e-5, seed=0), 0.0),
+    "forward": (hf.forward, 0.9),
+    "implicit(neumann)": (hf.implicit("neumann", 3), 0.9),
+    "implicit(cg)": (hf.implicit("cg", 3, damping=1.0), 0.9),
+    "distill(theta=1)": (hf.distill(0.9, theta=1.0), 0.9),
+    "distill(fitted)": (hf.distill(0.9), 0.9),
+}

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from problems import DT, td
 
 import hyperfunc as hf
 
@@ -65,3 +66,12 @@ def test_cg_under_vmap_freezes_each_system_on_its_own():
     assert torch.isfinite(xs).all()
     torch.testing.assert_close(xs[1], torch.linalg.solve(spd, bs[1]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(xs[0], hf.linalg.cg(lambda v: A @ v, bs[0], iters=30).x)
+
+
+def test_linalg_on_tensordicts():
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=DT)
+    b = td(x=torch.tensor([1.0, 2.0], dtype=DT))
+    sol = hf.linalg.cg(lambda v: td(x=A @ v["x"]), b, iters=2)
+    torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))
+    sol = hf.linalg.neumann(lambda v: td(x=A @ v["x"]), b, iters=200, alpha=0.2)
+    torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))

@@ -3,9 +3,7 @@
 import pytest
 import torch
 import torchopt
-from problems import DT, Quadratic, td, tree_close
-from test_langevin import inner as sgld_inner
-from test_langevin import outer as sgld_outer
+from problems import DT, Quadratic, sgld_inner, sgld_outer, td, tree_close
 from test_prepare_vmap import T as ANIL_T
 from test_prepare_vmap import _anil, _anil_data
 

@@ -6,18 +6,10 @@ import importlib
 import pytest
 import torch
 from problems import DT, td, tree_close
+from problems import sgld_inner as inner
+from problems import sgld_outer as outer
 
 import hyperfunc as hf
-
-
-def inner(p, h, b):
-    th = p["theta"]
-    return th**3 / 3 - (1 - h["lam"] ** 2) * th
-
-
-def outer(p, h, b):
-    th = p["theta"]
-    return (h["lam"] - th) ** 2 + (th - 0.5) ** 2
 
 
 def _by_hand(lam, theta0, eta, B, M):

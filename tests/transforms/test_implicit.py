@@ -1,33 +1,10 @@
-"""greedy_accumulate against an explicit sum over stored states; implicit against the closed-form IFT."""
+"""hyperfunc/transforms/implicit.py: implicit against the closed-form IFT, and its argument checks."""
 
 import pytest
 import torch
-from problems import DT, Quadratic, td, tree_close
+from problems import DT, Quadratic
 
 import hyperfunc as hf
-
-
-@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.9, 1.0])
-@pytest.mark.parametrize("learned_init", [False, True])
-def test_greedy_equals_explicit_sum(gamma, learned_init):
-    quad = Quadratic(learned_init=learned_init)
-    A, B = quad.matrices()
-    states = quad.states()
-    T = quad.steps
-    expected = quad.rho * quad.lam
-    for t in range(1, T + 1):
-        total_B = B + (A @ torch.cat([quad.E, torch.zeros(quad.n, quad.m, dtype=DT)]) if learned_init and t == 1 else 0)
-        expected = expected + gamma ** (T - t) * total_B.T @ quad.alpha_at(states[t])
-    res = hf.greedy_accumulate(gamma)(quad.loop(), quad.outer)(*quad.args())
-    torch.testing.assert_close(res.grads["lam"], expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(res.loss, quad.loss())
-
-
-def test_greedy_zero_is_one_step():
-    quad = Quadratic()
-    args = quad.args()
-    greedy = hf.greedy_accumulate(0.0)(quad.loop(), quad.outer)(*args)
-    tree_close(greedy.grads, hf.one_step(quad.loop(), quad.outer)(*args).grads)
 
 
 def _strongly_convex(steps=400):
@@ -72,20 +49,9 @@ def test_damped_cg_solves_the_damped_system():
     torch.testing.assert_close(res.grads["lam"], expected, rtol=1e-9, atol=1e-11)
 
 
-def test_linalg_on_tensordicts():
-    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=DT)
-    b = td(x=torch.tensor([1.0, 2.0], dtype=DT))
-    sol = hf.linalg.cg(lambda v: td(x=A @ v["x"]), b, iters=2)
-    torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))
-    sol = hf.linalg.neumann(lambda v: td(x=A @ v["x"]), b, iters=200, alpha=0.2)
-    torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))
-
-
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda q: hf.greedy_accumulate(1.5), ValueError, "gamma must lie in \\[0, 1\\]"),
-        (lambda q: hf.greedy_accumulate(-0.1), ValueError, "gamma must lie in \\[0, 1\\]"),
         (lambda q: hf.implicit("lu", iters=3), ValueError, "method must be one of"),
         (lambda q: hf.implicit("cg", iters=0), ValueError, "iters must be >= 1"),
         (lambda q: hf.implicit("cg", iters=3, damping=-1.0), ValueError, "damping must be"),

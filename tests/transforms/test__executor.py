@@ -1,0 +1,55 @@
+"""hyperfunc/transforms/_executor.py: the executor interface is every operation an algorithm needs; a
+transform runs on any executor that implements it, and on EAGER gives the closed form."""
+
+import dataclasses
+
+import pytest
+import torch
+from problems import Quadratic, tree_close
+
+import hyperfunc as hf
+from hyperfunc.transforms._executor import EAGER, Eager
+
+INTERFACE = {"prepare", "run", "run_vjp", "run_outer_vjp", "run_jvp", "outer_vjp", "scan_blocks", "piece", "call"}
+
+
+class Recording(Eager):
+    """EAGER, recording the name of every operation called on it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattribute__(self, name):
+        if name in INTERFACE:
+            object.__getattribute__(self, "calls").append(name)
+        return object.__getattribute__(self, name)
+
+
+TRANSFORMS = {
+    "unroll": hf.unroll,
+    "truncate(3)": hf.truncate(3),
+    "forward": hf.forward,
+    "drmad": hf.drmad,
+    "greedy_accumulate": hf.greedy_accumulate(0.5),
+    "implicit": hf.implicit("cg", iters=4),
+    "distill": hf.distill(0.9, theta=1.0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:implicit. w_T is not a stationary point")
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_a_transform_reaches_the_steps_only_through_its_executor(name):
+    q = Quadratic()
+    hg = TRANSFORMS[name](q.loop(), q.outer)
+    recording = Recording()
+    res = dataclasses.replace(hg, executor=recording)(*q.args())
+    tree_close(res.grads, hg(*q.args()).grads, rtol=0, atol=0)  # the same operations, in the same order
+    assert recording.calls[0] == "call" and set(recording.calls) <= INTERFACE
+    assert {"run", "run_vjp", "run_outer_vjp", "run_jvp", "scan_blocks"} & set(recording.calls), recording.calls
+
+
+def test_eager_unroll_is_the_closed_form():
+    q = Quadratic()
+    hg = hf.unroll(q.loop(), q.outer)
+    assert hg.executor is EAGER
+    torch.testing.assert_close(hg(*q.args()).grads["lam"], q.exact(), rtol=1e-9, atol=1e-11)
