@@ -23,7 +23,6 @@ __all__ = [
     "ShapeEnv",
     "TracingContext",
     "TransformType",
-    "TreeSpec",
     "add_batch_dim",
     "coerce_cinterpreter",
     "compiler_wrapper",
@@ -93,7 +92,6 @@ tree_leaves = _symbol("torch.utils._pytree:tree_leaves", "the tensors of a pytre
 tree_structure = _symbol("torch.utils._pytree:tree_structure", "one task's result structure (distributed)")
 tree_flatten_with_path = _symbol("torch.utils._pytree:tree_flatten_with_path", "checkpoint keys (saving)")
 keystr = _symbol("torch.utils._pytree:keystr", "checkpoint keys (saving)")
-TreeSpec = _symbol("torch.utils._pytree:TreeSpec", "the static structure of a compiled call's inputs")
 # -- traced graphs: public alternative none (torch.ops.aten.*.default are its instances)
 OpOverload = _symbol("torch._ops:OpOverload", "recognising aten operators in traced graphs (hf.compile)")
 # -- functorch levels: public alternative none (torch.func hides them); used by hf.compile/hf.vmap only
