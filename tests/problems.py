@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
 
 import torch
 from tensordict import TensorDict
@@ -199,19 +202,44 @@ def anil(steps, momentum=0.9, dtype=DT):
     return hf.tasks.anil_sinusoid(steps=steps, hidden=8, momentum=momentum, dtype=dtype)
 
 
-#: every built-in transform, with the inner momentum of its problem (langevin's SGLD has none), as the
-#: compiled routes' tests (tests/compile/) run them
-SEGMENTED = {
-    "unroll": (hf.unroll, 0.9),
-    "truncate(4)": (hf.truncate(4), 0.9),
-    "one_step": (hf.one_step, 0.9),
-    "first_order": (hf.first_order, 0.9),
-    "drmad": (hf.drmad, 0.9),
-    "greedy_accumulate": (hf.greedy_accumulate(0.9), 0.9),
-    "langevin": (hf.langevin(3, 4, 1e-5, seed=0), 0.0),
-    "forward": (hf.forward, 0.9),
-    "implicit(neumann)": (hf.implicit("neumann", 3), 0.9),
-    "implicit(cg)": (hf.implicit("cg", 3, damping=1.0), 0.9),
-    "distill(theta=1)": (hf.distill(0.9, theta=1.0), 0.9),
-    "distill(fitted)": (hf.distill(0.9), 0.9),
+LANGEVIN_TAU, LANGEVIN_SEED = 1e-3, 4
+
+
+class Entry(NamedTuple):
+    """A built-in transform in the contract tables: ``make(T)`` builds it for a horizon of ``T`` inner steps,
+    ``online()`` its online form (None: it has none, or one that does not end at the offline result);
+    ``exact_init``: its formula has the term through a learned ``w_0``; ``momentum``: the inner SGD
+    momentum its loop needs (Langevin dynamics has none)."""
+
+    make: Callable[[int], Any]
+    online: Optional[Callable[[], Any]] = None
+    exact_init: bool = False
+    momentum: float = 0.9
+
+
+#: every built-in transform, once: the contract tables (test_contract, test_online, test_torch_compile,
+#: tests/compile/) take their rows from here, so a transform added here is checked by all of them
+TRANSFORMS = {
+    "unroll": Entry(lambda T: hf.unroll, exact_init=True),
+    "checkpointed": Entry(lambda T: functools.partial(hf.unroll, checkpoint_every=2), exact_init=True),
+    "truncate(T)": Entry(lambda T: hf.truncate(T), exact_init=True),
+    "truncate(T-1)": Entry(lambda T: hf.truncate(max(T - 1, 1))),
+    "one_step": Entry(lambda T: hf.one_step, online=lambda: hf.online.one_step),
+    "first_order": Entry(lambda T: hf.first_order),
+    "forward": Entry(lambda T: hf.forward, online=lambda: hf.online.forward, exact_init=True),
+    "drmad": Entry(lambda T: hf.drmad, exact_init=True),
+    "greedy_accumulate": Entry(
+        lambda T: hf.greedy_accumulate(0.7), online=lambda: hf.online.greedy_accumulate(0.7), exact_init=True
+    ),
+    "implicit_cg": Entry(
+        lambda T: hf.implicit("cg", 3, damping=0.1), online=lambda: hf.online.implicit("cg", 3, damping=0.1)
+    ),
+    "implicit_neumann": Entry(lambda T: hf.implicit("neumann", 3), online=lambda: hf.online.implicit("neumann", 3)),
+    "distill": Entry(
+        lambda T: hf.distill(0.8, theta=0.5, seed=3), online=lambda: hf.online.distill(0.8, theta=0.5, seed=3)
+    ),
+    "distill(fitted)": Entry(lambda T: hf.distill(0.9)),
+    "langevin": Entry(
+        lambda T: hf.langevin(1, T - 1, tau=LANGEVIN_TAU, seed=LANGEVIN_SEED), exact_init=True, momentum=0.0
+    ),
 }

@@ -4,33 +4,17 @@ buffers or breaks vmap fails here."""
 
 import pytest
 import torch
-from problems import DT, tree_close
+from problems import DT, LANGEVIN_SEED, LANGEVIN_TAU, tree_close
+from problems import TRANSFORMS as REGISTRY
 from tensordict import TensorDict
 from test_modules import conv_bn, data, losses
 
 import hyperfunc as hf
 
 T = 3
-TAU, SEED = 1e-3, 4
-# transforms whose formula has a w_0 term
-EXACT_INIT = {
-    "unroll": hf.unroll,
-    "checkpointed": lambda loop, outer: hf.unroll(loop, outer, checkpoint_every=2),
-    "truncate(T)": hf.truncate(T),
-    "forward": hf.forward,
-    "drmad": hf.drmad,
-    "greedy": hf.greedy_accumulate(0.7),
-    "langevin": hf.langevin(1, T - 1, tau=TAU, seed=SEED),
-}
-# transforms without one: refused alone, run under hf.fomaml / hf.reptile
-NO_INIT = {
-    "truncate(1)": hf.truncate(1),
-    "one_step": hf.one_step,
-    "first_order": hf.first_order,
-    "implicit_cg": hf.implicit("cg", iters=3),
-    "implicit_neumann": hf.implicit("neumann", iters=3),
-    "distill": hf.distill(0.8, theta=0.5),
-}
+# every transform of the registry: those whose formula has a w_0 term alone, the others under hf.fomaml / hf.reptile
+EXACT_INIT = {name: entry.make(T) for name, entry in REGISTRY.items() if entry.exact_init}
+NO_INIT = {name: entry.make(T) for name, entry in REGISTRY.items() if not entry.exact_init}
 TRANSFORMS = {
     **EXACT_INIT,
     **{f"fomaml({k})": hf.fomaml(v) for k, v in NO_INIT.items()},
@@ -41,7 +25,7 @@ TRANSFORMS = {
 def _setup(name, scaled=False):
     net = conv_bn()
     inner, outer = losses(net)
-    momentum = 0.0 if name == "langevin" else 0.9
+    momentum = REGISTRY[name].momentum if name in REGISTRY else 0.9
     loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1, momentum=momentum), steps=T)
     params, buffers = hf.module_state(net)
     hparams = TensorDict({"log_l2": torch.tensor(-3.0, dtype=DT), "init": params}, [])
@@ -69,7 +53,9 @@ def test_init_term_buffers_and_chain_rule(name):
     # buffers: carried through the T inner steps exactly as plain training carries them
     plain = loop
     if name == "langevin":
-        plain = hf.InnerLoop(loop.inner_loss, hf.optim.sgld(lr=0.1, temperature=TAU, seed=SEED), steps=T)
+        plain = hf.InnerLoop(
+            loop.inner_loss, hf.optim.sgld(lr=0.1, temperature=LANGEVIN_TAU, seed=LANGEVIN_SEED), steps=T
+        )
     w, b = plain.run(hparams, params0, batches, buffers)
     tree_close(res.params, w, rtol=1e-12, atol=1e-14)
     tree_close(res.buffers, b, rtol=1e-12, atol=1e-14)
@@ -101,13 +87,7 @@ def test_vmapped_and_chunked_equal_looped_with_learned_init_and_buffers(name):
         tree_close(batched.buffers[i], single.buffers, rtol=1e-12, atol=1e-14)
 
 
-ONLINE = {
-    "one_step": (hf.online.one_step, hf.one_step),
-    "greedy": (hf.online.greedy_accumulate(0.7), hf.greedy_accumulate(0.7)),
-    "forward": (hf.online.forward, hf.forward),
-    "distill": (hf.online.distill(0.8, theta=0.5, seed=3), hf.distill(0.8, theta=0.5, seed=3)),
-    "implicit_cg": (hf.online.implicit("cg", 3, damping=0.1), hf.implicit("cg", 3, damping=0.1)),
-}
+ONLINE = {name: (entry.online(), entry.make(T)) for name, entry in REGISTRY.items() if entry.online}
 
 
 @pytest.mark.parametrize("name", list(ONLINE))

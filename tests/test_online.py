@@ -4,19 +4,13 @@ import pytest
 import torch
 import torchopt
 from problems import DT, Quadratic, sgld_inner, sgld_outer, td, tree_close
+from problems import TRANSFORMS as REGISTRY
 from test_prepare_vmap import T as ANIL_T
 from test_prepare_vmap import _anil, _anil_data
 
 import hyperfunc as hf
 
-PAIRS = {
-    "one_step": (hf.online.one_step, hf.one_step),
-    "greedy": (hf.online.greedy_accumulate(0.9), hf.greedy_accumulate(0.9)),
-    "forward": (hf.online.forward, hf.forward),
-    "distill": (hf.online.distill(0.9, theta=0.6, seed=5), hf.distill(0.9, theta=0.6, seed=5)),
-    "implicit_cg": (hf.online.implicit("cg", 4, damping=0.1), hf.implicit("cg", 4, damping=0.1)),
-    "implicit_neumann": (hf.online.implicit("neumann", 4), hf.implicit("neumann", 4)),
-}
+PAIRS = {name: (entry.online(), entry.make(Quadratic.steps)) for name, entry in REGISTRY.items() if entry.online}
 
 
 def _run(online, hparams, params0, batches, outer_batch, steps):

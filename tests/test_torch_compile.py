@@ -19,7 +19,8 @@ import textwrap
 import pytest
 import torch
 import torch._dynamo.testing
-from problems import sinusoid_args, tree_close
+from problems import TRANSFORMS as REGISTRY
+from problems import anil, sinusoid_args, tree_close
 from test_modules import conv_bn, data, learned_init, problem
 
 import hyperfunc as hf
@@ -28,34 +29,15 @@ DT = torch.float64
 T = 3
 
 
-def _anil(steps):
-    return hf.tasks.anil_sinusoid(steps=steps, hidden=8, dtype=DT)
-
-
-TRANSFORMS = {
-    "unroll": (hf.unroll, _anil),
-    "truncate(2)": (hf.truncate(2), _anil),
-    "one_step": (hf.one_step, _anil),
-    "first_order": (hf.first_order, _anil),
-    "drmad": (hf.drmad, _anil),
-    "forward": (hf.forward, _anil),
-    "greedy_accumulate": (hf.greedy_accumulate(0.9), _anil),
-    "implicit_neumann": (hf.implicit("neumann", 3), _anil),
-    "implicit_cg": (hf.implicit("cg", 3, damping=1.0), _anil),
-    "distill(theta=1)": (hf.distill(0.9, theta=1.0), _anil),
-    "distill(fitted)": (hf.distill(0.9), _anil),
-    "langevin": (
-        hf.langevin(2, 2, 1e-5, seed=0),
-        lambda steps: hf.tasks.anil_sinusoid(steps=steps, hidden=8, momentum=0.0, dtype=DT),
-    ),
-}
+# the registry's transforms but the checkpointed unroll, which cannot be compiled whole (its own test below)
+TRANSFORMS = {name: entry for name, entry in REGISTRY.items() if name != "checkpointed"}
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_fullgraph_compile_equals_eager_without_recompiling(name):
-    transform, make = TRANSFORMS[name]
-    problem = make(T)
-    hg = torch.func.vmap(transform(problem.loop, problem.outer_loss), in_dims=(None, None, 0, 0))
+    entry = TRANSFORMS[name]
+    problem = anil(T, entry.momentum)
+    hg = torch.func.vmap(entry.make(T)(problem.loop, problem.outer_loss), in_dims=(None, None, 0, 0))
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(hg, backend=counter, fullgraph=True)
@@ -105,10 +87,9 @@ def test_fullgraph_compile_float32_through_aot_autograd():
     tree_close(res.grads, hg(*args).grads, rtol=1e-5, atol=1e-6)
 
 
+# the registry's online forms, and langevin's (which emits per step, not the offline average)
 ONLINE = {
-    "one_step": (hf.online.one_step, 0.9),
-    "forward": (hf.online.forward, 0.9),
-    "distill": (hf.online.distill(0.9, theta=1.0), 0.9),
+    **{name: (entry.online(), entry.momentum) for name, entry in REGISTRY.items() if entry.online},
     "langevin": (hf.online.langevin(1e-5, seed=0), 0.0),
 }
 

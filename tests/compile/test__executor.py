@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo.testing
-from problems import SEGMENTED, anil, sinusoid_args, tree_close
+from problems import TRANSFORMS, anil, sinusoid_args, tree_close
 from tensordict import TensorDict
 from test_modules import conv_bn, data, learned_init, problem
 
@@ -38,14 +38,14 @@ def _counting(hg):
 
 
 @pytest.mark.filterwarnings("ignore:implicit. w_T is not a stationary point")
-@pytest.mark.parametrize("name", list(SEGMENTED))
+@pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_compiled_segments_equal_eager_without_recompiling(name):
     """T > k: equal to eager, returned as vmap returns it, nothing compiled after the first call, whose
     algorithm runs twice (once for real, compiling the kernels, once traced as a program); later calls
     replay the program without running the algorithm's Python."""
-    transform, momentum = SEGMENTED[name]
-    prob = anil(T, momentum)
-    hg = transform(prob.loop, prob.outer_loss)
+    entry = TRANSFORMS[name]
+    prob = anil(T, entry.momentum)
+    hg = entry.make(T)(prob.loop, prob.outer_loss)
     counted, runs = _counting(hg)
     counter = torch._dynamo.testing.CompileCounter()
     fast = hf.compile(hf.vmap(counted, in_dims=IN_DIMS), segment=K, backend=counter, fullgraph=True)
@@ -69,14 +69,14 @@ def test_compiled_segments_equal_eager_without_recompiling(name):
 
 
 @pytest.mark.filterwarnings("ignore:implicit. w_T is not a stationary point")
-@pytest.mark.parametrize("name", list(SEGMENTED))
+@pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_per_task_hyperparameters_and_initial_params(name):
     """in_dims = 0 for every argument: each task its own λ and w_0, by segments. (distill's running
     average starts as the state itself, one tensor in two kernel inputs: traced on one fake tensor, the
     two were one graph input, and a batched w_0 gave a wrong answer.)"""
-    transform, momentum = SEGMENTED[name]
-    prob = anil(T, momentum)
-    hg = transform(prob.loop, prob.outer_loss)
+    entry = TRANSFORMS[name]
+    prob = anil(T, entry.momentum)
+    hg = entry.make(T)(prob.loop, prob.outer_loss)
     h, w0, batches, val = sinusoid_args(prob, 0)
     args = (torch.stack([h, h.apply(lambda x: 1.1 * x)]), torch.stack([w0, 0.5 * w0]), batches, val)
     res = hf.compile(hf.vmap(hg, in_dims=0), segment=K, backend=torch._dynamo.testing.CompileCounter())(*args)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo.testing
-from problems import SEGMENTED, anil, sinusoid_args, tree_close
+from problems import TRANSFORMS, anil, sinusoid_args, tree_close
 from tensordict import TensorDict
 
 import hyperfunc as hf
@@ -21,16 +21,14 @@ IN_DIMS = (None, None, 0, 0)
 
 
 def _within_one_segment(name):
-    """SEGMENTED's transform ``name`` on ANIL with T = 3 (langevin: B = 1, M = 2), to compile with k = 4."""
-    transform, momentum = SEGMENTED[name]
-    if name == "langevin":
-        transform = hf.langevin(1, 2, 1e-5, seed=0)
-    prob = anil(3, momentum)
-    return prob, transform(prob.loop, prob.outer_loss)
+    """The registry's transform ``name`` on ANIL with T = 3, to compile with k = 4."""
+    entry = TRANSFORMS[name]
+    prob = anil(3, entry.momentum)
+    return prob, entry.make(3)(prob.loop, prob.outer_loss)
 
 
 @pytest.mark.filterwarnings("ignore:implicit. w_T is not a stationary point")
-@pytest.mark.parametrize("name", list(SEGMENTED))
+@pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_a_horizon_within_one_segment_is_one_kernel(name):
     """T <= k: the whole call is one kernel traced from the eager algorithm, which hf.vmap calls on the
     tasks' tensors without entering vmap. Equal to eager, returned as vmap returns it (the result's type,
