@@ -62,8 +62,9 @@ def functional_call(
     torch 2.14-2.15's native kernel fails in the double backward under ``vmap`` that a
     hypergradient through BatchNorm needs.
 
-    Cost: the module's forward (every torch function call in it passes the mode's Python hook), plus
-    one copy of each buffer.
+    Cost: the module's forward, with batch normalization as elementary operations and every torch
+    function call passing the mode's Python hook (a small Conv-BN forward: 557 µs against 413 µs with
+    torch's kernel, docs/modules.md), plus one copy of each buffer.
 
     Example:
         >>> import torch, hyperfunc as hf
