@@ -169,7 +169,8 @@ class Bound:
     executor: Any = EAGER
     #: the prepared inner batches when the caller evaluated them (forward mode pushes ``prepare`` forward)
     prepared: Optional[Prepared] = None
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # per problem, never passed in: a derived problem (dataclasses.replace: on, with_prepared) starts empty
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def bind(
@@ -207,7 +208,7 @@ class Bound:
     def on(self, batches: Any) -> Bound:
         """This problem on other inner ``batches`` (already checked; ``prepare`` runs on them afresh): online
         ``distill``'s distilled batch."""
-        return replace(self, batches=detached(batches), prepared=None, _cache={})
+        return replace(self, batches=detached(batches), prepared=None)
 
     def with_prepared(self, prepared: Prepared) -> Bound:
         """This problem with its prepared batches evaluated by the caller (no VJP kept): forward mode

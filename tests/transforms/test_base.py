@@ -33,3 +33,10 @@ def test_run_from_the_initial_state_reaches_the_closed_form_trajectory():
     bound, q = _bound()
     s, _ = bound.run(bound.initial(), bound.buffers, 0, q.steps)
     torch.testing.assert_close(torch.cat(s), q.trajectory(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_derived_bound_starts_with_its_own_cache():
+    bound, _ = _bound()
+    bound.statics()
+    derived = bound.with_prepared(bound.prep)
+    assert derived._cache is not bound._cache and not derived._cache
