@@ -382,15 +382,16 @@ class Compiled:
         return loss[0], alpha, (HyperCotangent(ct_h, bound.zeros_d()) if with_h else None)
 
     def scan_blocks(self, bound: Bound, name: str, block: Callable, b: Any, carry: tuple, start, stop, shared):
-        """One :meth:`piece` per segment of k steps, ``i0`` a tensor, one kernel per block length."""
-        shared, st, sizes = _counts(bound.h, shared), self.structure(bound), tuple(map(len, carry))
+        """One :meth:`piece` per segment of k steps, ``i0`` a tensor (the piece makes it one, with the
+        shared ints), one kernel per block length."""
+        st, sizes = self.structure(bound), tuple(map(len, carry))
         for a, n in self.chunks(start, stop):
 
             def fn(one, b, *groups, n=n):
                 b, *carry = block(one, b, groups[-1][0], n, *groups[:-1])
                 return (*buffers_out(st.bkeys, b), *(x for group in carry for x in group))
 
-            out = self.piece(bound, f"{name}/{n}", fn, b, carry, (*shared, (step_index(bound.h, a),)))
+            out = self.piece(bound, f"{name}/{n}", fn, b, carry, (*shared, (a,)))
             b, *carry = split(out, st.n_buffers, *sizes[:-1])
             b = buffers_in(st.bkeys, b)
         return b, tuple(carry)
