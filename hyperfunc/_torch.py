@@ -12,7 +12,6 @@ API serves (checked on torch 2.13: no public ``torch.utils.pytree`` module exist
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
 
 __all__ = [
@@ -131,4 +130,4 @@ def compiler_wrapper(backend: Any, mode: Any, settings: Any, dynamic: Any) -> An
     return CompileWrapper(backend, mode, settings, dynamic)
 
 
-missing.update({name: obj for name, obj in vars(sys.modules[__name__]).items() if isinstance(obj, _Missing)})
+missing.update({name: obj for name, obj in globals().items() if isinstance(obj, _Missing)})

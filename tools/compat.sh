@@ -12,5 +12,5 @@ venv=${COMPAT_VENV:-${TMPDIR:-/tmp}/hyperfunc-torch-$version}
 "$venv/bin/python" -m pip install -q "torch==$version"
 "$venv/bin/python" -m pip install -q -e "$root[test,examples,dev]"
 cd "$root"
-echo "torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), tensordict $("$venv/bin/python" -c 'import tensordict; print(tensordict.__version__)'), torchopt $("$venv/bin/python" -c 'import torchopt; print(torchopt.__version__)')"
+"$venv/bin/python" -c 'import tensordict, torch, torchopt as o; print(f"torch {torch.__version__}, tensordict {tensordict.__version__}, torchopt {o.__version__}")'
 "$venv/bin/python" -m pytest "$@"
