@@ -29,7 +29,7 @@ from .transforms import (
     unroll,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Agreement",

@@ -41,7 +41,7 @@ def batch_norm(
     """``torch.nn.functional.batch_norm`` as elementary operations (same arguments, same results, the
     running statistics updated in place in training mode).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hyperfunc._batch_norm import batch_norm
         >>> x = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.float64)

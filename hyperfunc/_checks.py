@@ -46,9 +46,10 @@ def check_seed(seed: Any, name: str = "seed") -> Any:
         return seed.reshape(())
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**63:
+    value = int(seed)
+    if not 0 <= value < 2**63:
         raise ValueError(f"{name} must lie in [0, 2**63), got {seed}")
-    return int(seed)
+    return value
 
 
 def concrete(x: Any) -> bool:

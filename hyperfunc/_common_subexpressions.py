@@ -49,7 +49,7 @@ def merge_common_subexpressions(graph: torch.fx.Graph) -> None:
     merged, and a graph with an in-place operator is left unchanged (two equal calls around a mutation
     of their input differ): trace it functionalized (``torch.func.functionalize``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.fx.experimental.proxy_tensor import make_fx
         >>> gm = make_fx(lambda x: torch.sin(x) + torch.sin(x))(torch.ones(2))

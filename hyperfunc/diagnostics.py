@@ -40,7 +40,7 @@ def agreement(grads: TensorDictBase, reference: TensorDictBase) -> Agreement:
 
     .. math:: \cos = \frac{\langle g, g^*\rangle}{\|g\|\,\|g^*\|}, \qquad r = \frac{\|g\|}{\|g^*\|}
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> g, ref = TensorDict({"x": torch.tensor([1.0, 1.0])}, []), TensorDict({"x": torch.tensor([2.0, 0.0])}, [])
@@ -68,7 +68,7 @@ def compare(transform: Transform, reference: Transform = unroll) -> Callable[[In
 
     Cost: one call of each transform.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> inner = lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()

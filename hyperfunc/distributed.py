@@ -34,7 +34,7 @@ def world(group: Optional[Any] = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process in ``group`` (default: the default process group);
     ``(0, 1)`` when ``torch.distributed`` is not initialized.
 
-    Example:
+    Examples:
         >>> from hyperfunc import distributed
         >>> distributed.world()
         (0, 1)
@@ -49,7 +49,7 @@ def shard_range(n_tasks: int, group: Optional[Any] = None) -> range:
     first ``n_tasks mod world_size`` ranks take one task more (rank :math:`r` of :math:`R` starts at
     :math:`r \lfloor n/R \rfloor + \min(r, n \bmod R)`). Every rank needs at least one task.
 
-    Example:
+    Examples:
         >>> from hyperfunc import distributed
         >>> distributed.shard_range(3)
         range(0, 3)
@@ -72,7 +72,7 @@ def shard(tree: Any, group: Optional[Any] = None) -> Any:
     draws the same full meta-batch (same generator seed) and keeps its own tasks, so N processes
     see exactly the tasks of one process.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hyperfunc import distributed
         >>> distributed.shard((torch.zeros(4, 2), torch.arange(4)))[1]
@@ -94,7 +94,7 @@ def rank_seed(seed: int, group: Optional[Any] = None) -> int:
     (``torch.Generator().manual_seed(rank_seed(seed))``); the tasks then depend on the world
     size, unlike :func:`shard` of a common meta-batch.
 
-    Example:
+    Examples:
         >>> from hyperfunc import distributed
         >>> distributed.rank_seed(7)
         7
@@ -120,7 +120,7 @@ def mean(result: Any, group: Optional[Any] = None) -> Any:
     with ``grads`` and ``loss`` replaced by the means (the same on every rank); the per-task fields
     (``params``, ``buffers``, diagnostics) stay local.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> res = hf.HyperGrad(TensorDict({"a": torch.tensor([1.0, 3.0])}, [2]), torch.tensor([0.5, 1.5]), None)
@@ -152,7 +152,7 @@ def broadcast(tree: Any, src: int = 0, group: Optional[Any] = None) -> Any:
     the meta-optimizer state at the start, so every rank starts identical); one broadcast per dtype
     and device. The input is not modified; non-tensor leaves are returned as they are.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hyperfunc import distributed
         >>> distributed.broadcast({"lr": torch.tensor(0.1)})

@@ -47,7 +47,7 @@ def neumann(matvec: Callable, b: Any, iters: int, alpha: Any) -> Solution:
     Converges when the spectrum of :math:`\alpha A` lies in (0, 2). Cost: ``iters`` products with
     ``A`` (plus one for the reported residual).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hyperfunc.linalg import neumann
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
@@ -88,7 +88,7 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
     system needs ``damping``. Cost: ``iters`` products with ``A`` (plus one for the residual),
     memory four copies of ``b``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hyperfunc.linalg import cg
         >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]])

@@ -25,7 +25,7 @@ from .optim import Optimizer
 
 #: ``loss(params, hparams, batch) -> scalar tensor``, or with module buffers
 #: ``loss(params, hparams, batch, buffers) -> (scalar tensor, new_buffers)``; all are TensorDicts.
-Loss = Callable[[TensorDictBase, TensorDictBase, Any], torch.Tensor]
+Loss = Callable[..., Any]
 
 
 def call_loss(
@@ -96,7 +96,7 @@ class InnerLoop:
             params (the frozen feature extractor of ANIL). Every transform stays exact through it:
             the cotangents of the prepared batches are pulled back through ``prepare`` with one VJP.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> loss = lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()

@@ -16,7 +16,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from ._batch_norm import DecomposedBatchNorm
-from ._tree import build, keys_of, leaves_of, tensor_leaves
+from ._tree import Keys, Leaves, build, keys_of, leaves_of, tensor_leaves
 
 
 def _nested(named: Any) -> TensorDict:
@@ -31,7 +31,7 @@ def module_state(module: nn.Module) -> tuple[TensorDict, TensorDict]:
     has the names of ``module.named_parameters()``. The copies are detached: training them never
     touches the module.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         >>> params, buffers = hf.module_state(net)
@@ -66,7 +66,7 @@ def functional_call(
     function call passing the mode's Python hook (a small Conv-BN forward: 557 µs against 413 µs with
     torch's kernel, docs/modules.md), plus one copy of each buffer.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).double()
         >>> params, buffers = hf.module_state(net)
@@ -88,7 +88,8 @@ def functional_call(
                 "this module has buffers (e.g. BatchNorm running statistics): pass them, "
                 "params, buffers = hf.module_state(module), and carry the new buffers it returns"
             )
-        bkeys, copies = (), ()
+        bkeys: Keys = ()
+        copies: Leaves = ()
     elif isinstance(buffers, TensorDictBase):
         bkeys = keys_of(buffers)
         copies = _writable_copies(leaves_of(buffers, bkeys), params, args, kwargs)

@@ -29,7 +29,7 @@ def mixed_precision(fn: Callable, dtype: torch.dtype = torch.bfloat16) -> Callab
     Works under ``vmap``, ``grad``, ``jvp``, on CPU and CUDA; ``docs/scale.md`` gives the measured
     agreement with float32.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> loss = hf.mixed_precision(lambda p, h, x: (p["w"] @ x - h["c"]) ** 2)

@@ -23,7 +23,7 @@ def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
     """``{key path: tensor}`` for every leaf of ``tree`` (detached copies; Python numbers become
     0-d tensors).
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> state = {"hparams": TensorDict({"w": torch.ones(2)}, []), "step": 3}
@@ -48,7 +48,7 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
     afresh, e.g. the hyperparameters and ``meta_opt.init(hparams)`` of a new run; it is not
     modified. Tensors land on ``like``'s devices.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> saved = hf.to_state_dict({"w": torch.ones(2), "step": 3})
         >>> hf.from_state_dict(saved, like={"w": torch.zeros(2), "step": 0})
@@ -65,7 +65,7 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
             f"from_state_dict: the saved state does not match like: missing {missing[:5]}, unexpected {extra[:5]}; "
             "build like exactly as the saved run did (same hyperparameters, optimizer and options)"
         )
-    leaves = []
+    leaves: list[Any] = []
     for key, (_, leaf) in zip(keys, flat):
         if leaf is None:
             leaves.append(None)

@@ -45,7 +45,7 @@ def sinusoid_tasks(
     :math:`A \sim U(0.1, 5)`, :math:`\varphi \sim U(0, \pi)`, :math:`x \sim U(-5, 5)`; ``shots``
     training and ``val_shots`` validation points per task, shapes ``(n_tasks, shots, 1)``.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> tasks = hf.tasks.sinusoid_tasks(4, generator=torch.Generator().manual_seed(0))
         >>> tasks.x_train.shape, tasks.y_val.shape
@@ -84,7 +84,7 @@ def few_shot_tasks(
         ``(n_tasks, n_way * shots)`` (int64), and ``x_val``/``y_val`` with ``n_way * queries``
         examples: stacked for ``vmap`` over tasks.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> data = [(torch.full((1, 4, 4), float(c)), c) for c in range(5) for _ in range(6)]
         >>> tasks = hf.tasks.few_shot_tasks(data, n_way=3, shots=2, queries=3, n_tasks=4)
@@ -168,7 +168,7 @@ def anil_sinusoid(
     Batches are ``(x, y)`` pairs: ``tasks.inner_batches`` and ``tasks.outer_batch`` of
     :func:`sinusoid_tasks`, one task at a time (``vmap`` over a meta-batch).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> problem = hf.tasks.anil_sinusoid(steps=5)
         >>> hg = hf.unroll(problem.loop, problem.outer_loss)

@@ -57,7 +57,7 @@ def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None) -> Vmapped
 
     .. math:: \text{vmap}(hg)(\lambda, \{w_0^i\}, \{D^i\}, \{V^i\})_i = hg(\lambda, w_0^i, D^i, V^i)
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum(),
@@ -135,7 +135,7 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
             shape compiles new kernels, whose code is specialised to the shapes (with symbolic shapes
             inductor's kernels ran 30x slower here). Another keyword is a ``TypeError``.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum(),

@@ -250,10 +250,10 @@ class Compiled:
         raw, _, leaves = Layout.of(bound.batches, False)
         key = (raw.key(), bound.hkeys)
         if key not in self.segments.prepared:
-            layout: list = []
-            primitives.prepare(bound.loop, bound.hkeys, bound.h, bound.batches, layout)
-            self.segments.prepared[key] = layout[0]
-        layout = self.segments.prepared[key]
+            learned: list = []
+            primitives.prepare(bound.loop, bound.hkeys, bound.h, bound.batches, learned)
+            self.segments.prepared[key] = learned[0]
+        layout: Layout = self.segments.prepared[key]
         forward = self.segments.kernel(("prepare", *key), prepare_kernel(bound.loop, bound.hkeys, raw), ())
         out = forward(*bound.h, *leaves)
         n_d = sum(1 for f in layout.diff if f)
@@ -315,7 +315,8 @@ class Compiled:
             segment_outer_vjp(bound.statics(), st, outer_layout, n),
             range(st.n_state + st.n_buffers),
         )
-        out = kernel(*self._segment_inputs(bound, *states[-1], a, n), *batch)
+        s_last, b_last = states[-1]
+        out = kernel(*self._segment_inputs(bound, s_last, b_last, a, n), *batch)
         (loss,), final, b_final, ct_s, ct_h, ct_d = split(out, 1, st.n_state, st.n_buffers, st.n_state, len(bound.h))
         acc_d, pieces = (ct_d, []) if bound.loop.full_batch else ((), [ct_d])
         ct_s, cot = self.pull(bound, chunks[:-1], states, ct_s, ct_h, acc_d, pieces, start, stop)
@@ -392,9 +393,9 @@ class Compiled:
                 return (*buffers_out(st.bkeys, b), *(x for group in carry for x in group))
 
             out = self.piece(bound, f"{name}/{n}", fn, b, carry, (*shared, (a,)))
-            b, *carry = split(out, st.n_buffers, *sizes[:-1])
-            b = buffers_in(st.bkeys, b)
-        return b, tuple(carry)
+            b_flat, *rest = split(out, st.n_buffers, *sizes[:-1])
+            b, carry = buffers_in(st.bkeys, b_flat), tuple(rest)
+        return b, carry
 
     def piece(self, bound: Bound, name: str, fn: Callable, b: Any, per_task: tuple, shared: tuple) -> Leaves:
         """One compiled kernel per ``name`` and input structure, which runs ``fn`` on a bound rebuilt from its

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -55,7 +55,7 @@ class Segments:
     #: ``(spec, Layout.key())`` of the traced calls' inputs seen so far
     structures: list = field(default_factory=list, compare=False, repr=False)
 
-    def kernel(self, key: tuple, fn: Kernel, per_task: range, compile: Optional[Callable] = None) -> Callable:
+    def kernel(self, key: tuple, fn: Kernel, per_task: Iterable[int], compile: Optional[Callable] = None) -> TaskKernel:
         """The compiled kernel for ``key`` (built from ``fn`` on first use). The inputs at positions
         ``per_task`` (states, cotangents, accumulators) are per-task quantities: one that reaches the
         kernel unbatched (the shared w_0, a zero accumulator) is expanded over the tasks, so the first
@@ -155,7 +155,8 @@ class _Compiled:
     __slots__ = ("run", "outputs", "id", "__weakref__")
 
     def __init__(self, run: Callable):
-        self.run, self.outputs, self.id = run, None, next(_KERNEL_IDS)
+        self.run, self.id = run, next(_KERNEL_IDS)
+        self.outputs: Optional[tuple] = None  # (shape, stride, dtype, device) per output, from the first call
         COMPILED[self.id] = self
 
     def __call__(self, args: tuple) -> tuple:
@@ -213,7 +214,21 @@ def _signature(args: tuple) -> tuple:
     return tuple((x.shape, x.stride(), x.dtype, x.device, x.requires_grad) for x in args)
 
 
-def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset, compile: Callable) -> Callable:
+class TaskKernel:
+    """A compiled kernel: called on one task's tensors (or under ``vmap``, which reaches ``over_tasks``), and
+    ``over_tasks(n, in_dims, args)`` for a caller that holds the tasks' physical tensors itself
+    (:func:`~hyperfunc.compile._traced.traced_call_over_tasks`)."""
+
+    __slots__ = ("call", "over_tasks")
+
+    def __init__(self, call: Callable, over_tasks: Callable[[int, tuple, tuple], tuple]):
+        self.call, self.over_tasks = call, over_tasks
+
+    def __call__(self, *args: Any) -> Any:
+        return self.call(*args)
+
+
+def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset, compile: Callable) -> TaskKernel:
     single: dict = {}
     batched: dict = {}
 
@@ -263,8 +278,7 @@ def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset, compile
         out = _under_vmap(over_tasks, args, interpreter)
         return _Kernel.apply(*args) if out is None else out
 
-    call.over_tasks = over_tasks  # for a caller that holds the tasks' physical tensors itself (traced_call_over_tasks)
-    return call
+    return TaskKernel(call, over_tasks)
 
 
 def _new_kernel(compile: Callable, fn: Callable, args: tuple, segments: Segments) -> _Compiled:

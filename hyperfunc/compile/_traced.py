@@ -22,6 +22,7 @@ from ..transforms._primitives import Layout
 from ._kernels import (
     COMPILED,
     Segments,
+    TaskKernel,
     backend_compile,
     check_no_draws,
     compile_kernel,
@@ -104,7 +105,10 @@ def traced_call_over_tasks(outcome: Callable, compile: Callable, segments: Segme
         return None
     layout, _, tensors = Layout.of(args, False)
     dims = [d for d, arg in zip(in_dims, tree_children(layout.spec)) for _ in range(arg.num_leaves)]
-    tensor_dims, sizes, shapes, leaves = [], set(), [], iter(tensors)
+    tensor_dims: list = []
+    sizes: set = set()
+    shapes: list = []
+    leaves = iter(tensors)
     for is_tensor, d in zip(layout.diff, dims):
         if is_tensor is None:  # a non-tensor leaf: vmap refuses a dimension for it
             if d is not None:
@@ -120,10 +124,10 @@ def traced_call_over_tasks(outcome: Callable, compile: Callable, segments: Segme
         shapes.append(x.shape if d is None else x.shape[:d] + x.shape[d + 1 :])
     if len(sizes) != 1:
         return None
-    (n,), tensor_dims = sizes, tuple(tensor_dims)
+    (n,), task_dims = sizes, tuple(tensor_dims)
 
-    def call(kernel: Callable, xs: Leaves) -> tuple:
-        return kernel.over_tasks(n, tensor_dims, xs)
+    def call(kernel: TaskKernel, xs: Leaves) -> tuple:
+        return kernel.over_tasks(n, task_dims, xs)
 
     key, out = _run_traced(outcome, compile, segments, layout, tensors, tuple(shapes), call)
     if (key, n) in segments.results:  # the layout with the task dimension in the batch sizes

@@ -21,7 +21,7 @@ Resolved = Union[float, torch.Tensor, tuple]
 
 #: ``rule(params, buffers, grads, args, step) -> (params, buffers)`` on tuples of tensors;
 #: ``buffers`` is one tuple of leaves per buffer name, ``step`` counts from 0 (int or tensor).
-Rule = Callable[[Leaves, tuple, Leaves, Mapping[str, Resolved], Any], tuple]
+Rule = Callable[[Leaves, tuple, Leaves, dict, Any], tuple]
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ class Optimizer:
     def _state_dict(self, leaves: Leaves, keys: Keys, step: Any) -> TensorDictBase:
         """Rebuild the state TensorDict from the flat layout."""
         n = len(keys)
-        out = {name: build(keys, leaves[i * n : (i + 1) * n]) for i, name in enumerate(("params",) + self.buffers)}
+        names = ("params",) + self.buffers
+        out: dict[str, Any] = {name: build(keys, leaves[i * n : (i + 1) * n]) for i, name in enumerate(names)}
         # torch.full, not as_tensor: a traced step count (an online t under torch.compile) stays symbolic
         out["step"] = step if torch.is_tensor(step) else torch.full((), step, dtype=torch.int64)
         return build(tuple(out), tuple(out.values()))
@@ -133,7 +134,7 @@ def resolve(name: str, value: Arg, hparams: TensorDictBase | None, keys: Keys, p
             f"{[_key_name(k) for k in keys_of(hparams)]}"
         ) from err
     if isinstance(out, numbers.Real):
-        return out
+        return float(out)
     if isinstance(out, TensorDictBase):
         check_same_keys(out, keys, f"the TensorDict returned by {name}(hparams)", "the params")
         leaves = leaves_of(out, keys)

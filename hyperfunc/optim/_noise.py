@@ -37,7 +37,7 @@ def _hash(x: Any) -> Any:
     return x ^ (x >> 16)
 
 
-def _key(seed: Any, step: Any, stream: int) -> Any:
+def _key(seed: Any, step: Any, stream: Any) -> Any:
     """The 32-bit key of ``(seed, step, stream)``: ints or int64 tensors (broadcast together)."""
     low, high = seed & _MASK, seed >> 32  # a seed in [0, 2**63): both halves enter the key
     return _hash(_hash(_hash(_hash(low) ^ high) ^ step) ^ stream)
@@ -102,12 +102,13 @@ def _counter_bits_impl(seed: torch.Tensor, step: torch.Tensor, streams: list[int
         a, b = int(seed), int(step)
         return _draw_numpy(np.array([_key(a, b, c) for c in streams], dtype=np.int64), tuple(sizes))
     # many keys (per-task seeds, or the steps of a kernel stacked by batch_draws): numpy hashes them at once
+    seeds: Any
     if seed.dim() == 0:  # one seed: its half of the key hashes as a Python int
-        seed = int(seed)
+        seeds = int(seed)
     else:
         seed, step = torch.broadcast_tensors(seed, step)
-        seed = seed.reshape(-1, 1).numpy()
-    keys = _key(seed, step.reshape(-1, 1).numpy(), np.asarray(streams, dtype=np.int64))
+        seeds = seed.reshape(-1, 1).numpy()
+    keys = _key(seeds, step.reshape(-1, 1).numpy(), np.asarray(streams, dtype=np.int64))
     return _draw_numpy(keys.reshape(*step.shape, len(streams)), tuple(sizes))
 
 

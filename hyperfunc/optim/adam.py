@@ -30,7 +30,7 @@ def adam(
     Cost per step: about ten elementwise operations per parameter leaf; state = params plus two
     moment buffers.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> opt = hf.optim.adam(lr=0.1)

@@ -32,7 +32,7 @@ def sgd(
     Cost per step: a handful of elementwise operations per parameter leaf; state = params plus
     one momentum buffer.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> opt = hf.optim.sgd(lr=lambda h: h["log_lr"].exp(), momentum=0.9)

@@ -22,7 +22,7 @@ def sgld(lr: Arg, temperature: Arg = 1.0, seed: int = 0, weight_decay: Arg = 0.0
 
     Cost per step: one Gaussian draw and three elementwise operations per parameter; no buffers.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> opt = hf.optim.sgld(lr=0.1, temperature=0.0)

@@ -342,8 +342,8 @@ class Bound:
         batch alone (ANIL's features) is computed once and pulled back once, with the summed cotangent.
         Memory: the outer loss's activations for every sample."""
         states = tuple(torch.stack(x) for x in zip(*(s for s, _ in samples)))
-        bufs = [b for _, b in samples]
-        bufs = torch.stack(bufs) if isinstance(bufs[0], TensorDictBase) else ()
+        first_b = samples[0][1]
+        bufs = torch.stack([b for _, b in samples]) if isinstance(first_b, TensorDictBase) else ()
 
         def total(h: Leaves) -> torch.Tensor:
             # randomness='different': an outer loss with dropout draws a mask per sample, as one call per sample did
@@ -366,7 +366,10 @@ class Bound:
         """A cotangent on ``(h, d)`` as one on ``h``: ``d`` pulled back through ``prepare`` (one VJP)."""
         if not cot.d or self.loop.prepare is None:
             return cot.h
-        return add(cot.h, self.prep.vjp(cot.d)[0])
+        pull = self.prep.vjp
+        if pull is None:  # an executor's kernel binds its problem without the pullback it never needs
+            raise RuntimeError("hyperfunc internal error: prepare's pullback was not kept for this binding")
+        return add(cot.h, pull(cot.d)[0])
 
     def init_vjp(self, ct_s0: Leaves) -> Leaves:
         r"""The learned-initialization term :math:`\bar s_0\, ds_0/d\lambda`."""
@@ -516,7 +519,7 @@ def fomaml(transform: Transform) -> Transform:
     one-step term for the other hyperparameters (learning rates, a shared body). With a fixed
     ``params0`` it is the transform itself. Cost: one extra outer gradient in ``w``.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=10,
@@ -540,7 +543,7 @@ def reptile(transform: Transform) -> Transform:
     is Reptile's :math:`\lambda \leftarrow \lambda + \epsilon (w_T - \lambda)`. Not the gradient of any
     outer loss: the outer loss only enters through the other terms. Cost: nothing beyond ``transform``.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=10,

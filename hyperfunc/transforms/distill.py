@@ -50,12 +50,12 @@ def keep_count(n: int, p: float) -> int:
 def batch_size(batch: Any, name: str) -> int:
     """The shared leading (example) dimension of a batch's tensor leaves, or a clear error."""
     sizes = {leaf.shape[0] if leaf.dim() else None for leaf in tensor_leaves(batch)}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            f"distill subsamples examples (HyperDistill Eq. 14): every tensor of {name} must share a leading "
-            f"example dimension, got leading sizes {sorted(map(str, sizes))}; pass full_batch=True for one fixed batch"
-        )
-    return sizes.pop()
+    if len(sizes) == 1 and (size := next(iter(sizes))) is not None:
+        return size
+    raise ValueError(
+        f"distill subsamples examples (HyperDistill Eq. 14): every tensor of {name} must share a leading "
+        f"example dimension, got leading sizes {sorted(map(str, sizes))}; pass full_batch=True for one fixed batch"
+    )
 
 
 def merge(old: Any, new: Any, keep: int, seed: int, step: int, stream: int) -> Any:
@@ -129,8 +129,8 @@ def distilled_vjp(bound: Bound, dist: Distilled, b: Any, t: int, alpha: Leaves) 
     return HyperCotangent(*split(out, len(bound.h)))
 
 
-def _distilled_vjp(bound: Bound, b: Any, s_star: Leaves, alpha: Leaves, D: tuple, t: tuple) -> Leaves:
-    (t,), prep, dist = t, bound.prep, Distilled(s_star, D or None)
+def _distilled_vjp(bound: Bound, b: Any, s_star: Leaves, alpha: Leaves, D: tuple, ts: tuple) -> Leaves:
+    (t,), prep, dist = ts, bound.prep, Distilled(s_star, D or None)
 
     def phi(h: Leaves, d: Leaves) -> Leaves:
         return bound.step_on(s_star, b, h, dist.batch(bound, prep.rebuild(d), t), t)[0]
@@ -164,7 +164,7 @@ class Estimate(NamedTuple):
         with :math:`\theta_i = 9.3` moved a meta-batch mean of ten fits to 3.1 while the pooled
         fit read 1.70). Warns outside ``[0, 10]`` like :func:`linear_estimation`.
 
-        Example:
+        Examples:
             >>> import torch, hyperfunc as hf
             >>> x, y = torch.tensor([[1.0, 1.0], [0.1, 0.1]]), torch.tensor([[2.0, 2.0], [0.9, 0.9]])
             >>> est = hf.Estimate(theta=y.sum(1) / x.sum(1), x=x, y=y)
@@ -191,7 +191,9 @@ def estimate(bound: Bound, gamma: float, seed: int) -> Estimate:
     steps = bound.loop.steps
     s0 = bound.initial()
     sT, bT = bound.run(s0, bound.buffers, 0, steps)
-    xs, ys, dist = [], [], [None]
+    xs: list = []
+    ys: list = []
+    dist: list[Any] = [None]  # the distillation so far, rebound by on_step
 
     def on_step(t: int, s_hat: Leaves, second: HyperCotangent, alpha_T: Leaves) -> None:
         s = steps - t + 1
@@ -250,7 +252,7 @@ def linear_estimation(gamma: float, seed: int = 0) -> Any:
     Returns:
         ``transform(loop, outer_loss) -> fit(hparams, params0, inner_batches, outer_batch) -> Estimate``.
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> fit = hf.linear_estimation(0.9)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -295,7 +297,7 @@ def distill(gamma: float, theta: Any = None, seed: int = 0) -> Transform:
     Cost: ``T`` gradient steps, one outer gradient and one step VJP, plus ``2T`` VJPs when θ is
     fitted; memory O(|s| + H) (the distilled batch is kept as ``n`` index pairs).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.distill(0.9, theta=1.0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -342,7 +344,7 @@ def online_distill(gamma: float, theta: Any, seed: int = 0) -> Callable[[InnerLo
     Cost per step: one step VJP, one outer gradient and one distilled VJP (plus ``prepare`` on the
     distilled batch); memory O(|s| + H + n).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> opt = hf.online.distill(0.9, theta=1.0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())

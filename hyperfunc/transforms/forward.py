@@ -121,7 +121,7 @@ def forward(loop: InnerLoop, outer_loss: Loss) -> HyperGradFunction:
     (learning rates, a weight decay): for thousands of them use a reverse-mode transform. Module
     buffers are carried with the primal state (no tangent).
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> opt = hf.optim.sgd(lr=lambda h: h["lr"], momentum=0.9)
@@ -144,7 +144,7 @@ def online_forward(loop: InnerLoop, outer_loss: Loss) -> Online:
     derivatives at past values, as in RTRL. Cost per step: one step VJP, ``H`` transposed products
     (vmapped) and one outer VJP; memory O(H·|s|).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=lambda h: h["lr"]), steps=20)
         >>> opt = hf.online.forward(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())

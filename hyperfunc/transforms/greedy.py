@@ -18,9 +18,10 @@ from .reverse import HyperGradFn
 def check_gamma(gamma: Any, name: str = "gamma") -> float:
     if not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(gamma).__name__}")
-    if not 0.0 <= gamma <= 1.0:
+    value = float(gamma)
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {gamma}")
-    return float(gamma)
+    return value
 
 
 class Accumulator(NamedTuple):
@@ -62,7 +63,7 @@ def greedy_accumulate(gamma: float) -> Transform:
     at the last step); memory O(|s| + H), flat in ``T``. Module buffers are carried through the
     steps; each step's outer loss sees the buffers of that step.
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.greedy_accumulate(0.9)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -121,7 +122,7 @@ def online_one_step(loop: InnerLoop, outer_loss: Loss) -> Online:
 
     Cost per step: one step VJP and one outer gradient; memory O(|s|).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> opt = hf.online.one_step(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -137,7 +138,7 @@ def online_greedy_accumulate(gamma: float) -> Callable[[InnerLoop, Loss], Online
     :func:`hyperfunc.greedy_accumulate`. Cost per step: one step VJP and one outer gradient
     (plus one VJP of ``prepare``); memory O(|s| + H).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> opt = hf.online.greedy_accumulate(0.9)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())

@@ -3,7 +3,7 @@ r"""Implicit differentiation at the final iterate (IFT; Lorraine et al. 2020, Ra
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
 from tensordict import TensorDictBase
@@ -46,10 +46,10 @@ def _with_diagnostics(res, aux) -> ImplicitHyperGrad:
         "implicit: w_T is not a stationary point of the inner loss (‖∇L_in(w_T)‖/‖∇L_in(w_0)‖ = {value}, above "
         f"{STATIONARITY_TOLERANCE}); the IFT hypergradient assumes one: run more inner steps or use unroll",
     )
-    return ImplicitHyperGrad(*res, residual, stationarity)
+    return ImplicitHyperGrad(res.grads, res.loss, res.params, res.buffers, residual, stationarity)
 
 
-def _check_optimizer(loop: InnerLoop) -> float:
+def _check_optimizer(loop: InnerLoop) -> Union[float, torch.Tensor]:
     """IFT needs a fixed point that does not depend on optimizer hyperparameters; returns its weight decay."""
     opt = loop.optimizer
     if not opt.stationary:
@@ -63,7 +63,7 @@ def _check_optimizer(loop: InnerLoop) -> float:
             f"implicit differentiation cannot differentiate optimizer hyperparameters: {dynamic} depend on hparams, "
             "but the fixed point of the inner problem does not depend on them. Use unroll, forward or truncate"
         )
-    return opt.weight_decay
+    return cast(Union[float, torch.Tensor], opt.weight_decay)  # not callable: checked above
 
 
 class _IFT(NamedTuple):
@@ -72,7 +72,7 @@ class _IFT(NamedTuple):
     loop: InnerLoop
     solve: Any
     shift: float
-    wd: float
+    wd: Union[float, torch.Tensor]
 
     def inner_grad(self, bound: Bound, w: Leaves, h: Leaves, d: Leaves, buffers: Any) -> Leaves:
         """The fixed-point condition: the inner gradient on the last batch plus the weight decay term."""
@@ -111,7 +111,7 @@ def _ift(method: str, iters: int, alpha: Optional[float], damping: float) -> Cal
 
     def for_loop(loop: InnerLoop) -> _IFT:
         wd = _check_optimizer(loop)
-        step = alpha
+        step: Any = alpha  # the loop's learning rate is a number or a tensor here: _check_optimizer refused callables
         if method == "neumann" and step is None:
             if loop.optimizer.preconditioned:
                 raise ValueError(
@@ -119,7 +119,7 @@ def _ift(method: str, iters: int, alpha: Optional[float], damping: float) -> Cal
                     "the gradient: its learning rate is not a step size for the Hessian"
                 )
             step = loop.optimizer.lr
-            if not callable(step) and not float(step) > 0:
+            if not float(step) > 0:
                 raise ValueError(
                     f"implicit('neumann') takes its step alpha from the loop's learning rate, which is {float(step)}: "
                     "a zero step gives an all-zero hypergradient; pass alpha=... > 0"
@@ -169,7 +169,7 @@ def implicit(method: str, iters: int, alpha: Optional[float] = None, damping: fl
     more product for the residual and one gradient at :math:`w_0`; memory O(|s| + H) plus the
     graph of one inner gradient, flat in ``T``.
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=50)
         >>> hg = hf.implicit("cg", iters=10)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -222,7 +222,7 @@ def online_implicit(
     its batch). Cost per step: one gradient step, ``iters`` Hessian-vector products, one mixed VJP;
     memory O(|s| + H).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=50)
         >>> opt = hf.online.implicit("neumann", iters=5)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())

@@ -168,7 +168,7 @@ def langevin(B: int, M: int, tau: float, seed: Optional[int] = None) -> Transfor
     new ``(B, M)`` reuses the kernels compiled for another when ``B mod k`` and ``M mod k`` are
     unchanged (B and M enter the kernels as tensors).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=1)
         >>> hg = hf.langevin(B=50, M=50, tau=1e-3, seed=0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -196,7 +196,7 @@ def online_langevin(tau: float, seed: int | None = None) -> Callable[[InnerLoop,
     :func:`hyperfunc.langevin` ``(B, M, tau, seed)``. Cost per step: one step VJP and one outer
     gradient; memory O(|s| + H).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=1)
         >>> opt = hf.online.langevin(tau=1e-3, seed=0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())

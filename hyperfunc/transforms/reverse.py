@@ -127,7 +127,7 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
     Returns:
         ``hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad``.
 
-    Example:
+    Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
         >>> inner = lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()
@@ -162,7 +162,7 @@ def truncate(K: int) -> Transform:
     ``K < T`` there is no ``w_0`` term: a ``ValueError`` unless wrapped in :func:`hyperfunc.fomaml` or
     :func:`hyperfunc.reptile`.
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.truncate(5)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -183,7 +183,7 @@ def one_step(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
 
     Cost: ``T`` gradient steps plus one step VJP; memory O(|s|).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.one_step(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
@@ -201,7 +201,7 @@ def first_order(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
     ``hf.fomaml(hf.first_order)``. Cost: ``T`` gradient steps and one gradient of the outer loss;
     memory O(|s|).
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.first_order(loop, lambda p, h, y: ((h["a"] * p["w"] - y) ** 2).sum())
@@ -226,7 +226,7 @@ def drmad(loop: InnerLoop, outer_loss: Loss) -> HyperGradFn:
     only ``s_0`` and ``s_T`` are kept. Module buffers are not interpolated (integer counters cannot
     be): the backward travel runs every step with the final buffers.
 
-    Example:
+    Examples:
         >>> import hyperfunc as hf
         >>> loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=20)
         >>> hg = hf.drmad(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
