@@ -29,14 +29,15 @@ _TORCH_COMPILE_KEYWORDS = frozenset(inspect.signature(torch.compile).parameters)
 
 @dataclass(frozen=True)
 class Vmapped:
-    """``hf.vmap(hg, in_dims)``: calls ``torch.func.vmap(hg, in_dims, chunk_size=chunk_size)``; kept as a
-    value so that :func:`compile` can compile ``hg``'s kernels batched over the task dimension. A
-    compiled ``hg`` (its call traced as one kernel or one program) is called on the tasks' tensors
-    directly, its result rebuilt as ``vmap`` returns it."""
+    """``hf.vmap(hg, in_dims)``: calls ``torch.func.vmap(hg, in_dims, chunk_size=chunk_size,
+    randomness=randomness)``; kept as a value so that :func:`compile` can compile ``hg``'s kernels batched
+    over the task dimension. A compiled ``hg`` (its call traced as one kernel or one program) is called
+    on the tasks' tensors directly, its result rebuilt as ``vmap`` returns it."""
 
     fn: Any
     in_dims: Any = 0
     chunk_size: Optional[int] = None
+    randomness: str = "error"
 
     def __call__(self, *args, **kwargs):
         if (
@@ -48,14 +49,25 @@ class Vmapped:
             result = self.fn.executor.over_tasks(self.fn, self.in_dims, args)  # the traced call, no vmap
             if result is not None:
                 return result
-        return torch.func.vmap(self.fn, in_dims=self.in_dims, chunk_size=self.chunk_size)(*args, **kwargs)
+        vmapped = torch.func.vmap(self.fn, in_dims=self.in_dims, chunk_size=self.chunk_size, randomness=self.randomness)
+        return vmapped(*args, **kwargs)
 
 
-def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None) -> Vmapped:
-    r"""``torch.func.vmap(hg, in_dims, chunk_size=chunk_size)`` over a meta-batch of tasks, as a value
-    :func:`compile` can see through (same semantics and results as ``torch.func.vmap``).
+_RANDOMNESS = ("error", "different", "same")
+
+
+def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None, randomness: str = "error") -> Vmapped:
+    r"""``torch.func.vmap(hg, in_dims, chunk_size=chunk_size, randomness=randomness)`` over a meta-batch of
+    tasks, as a value :func:`compile` can see through (same semantics and results as ``torch.func.vmap``).
 
     .. math:: \text{vmap}(hg)(\lambda, \{w_0^i\}, \{D^i\}, \{V^i\})_i = hg(\lambda, w_0^i, D^i, V^i)
+
+    ``in_dims`` has one entry per positional argument of ``hg(hparams, params0, inner_batches,
+    outer_batch, buffers)``: ``None`` for what the tasks share (``hparams``; ``params0`` when it is a
+    function of ``hparams``, MAML), ``0`` for what each task has its own of (data, per-task buffers).
+    Keyword arguments are not mapped: pass per-task ``buffers`` positionally. A model with dropout
+    needs ``randomness="different"`` (a mask per task, as a loop over tasks draws) or ``"same"``;
+    :func:`compile` refuses both (each segment's VJP recomputes its forward and would draw other masks).
 
     Examples:
         >>> import torch, hyperfunc as hf
@@ -69,7 +81,9 @@ def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None) -> Vmapped
     """
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size", 1)
-    return Vmapped(hg, in_dims, chunk_size)
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"randomness must be one of {_RANDOMNESS} (torch.func.vmap's), got {randomness!r}")
+    return Vmapped(hg, in_dims, chunk_size, randomness)
 
 
 def compile(fn: Any, segment: int, **options: Any) -> Any:
@@ -154,6 +168,13 @@ def compile(fn: Any, segment: int, **options: Any) -> Any:
             f"keyword arguments ({', '.join(sorted(_TORCH_COMPILE_KEYWORDS))})"
         )
     if isinstance(fn, Vmapped):
+        if fn.randomness != "error":
+            raise ValueError(
+                f"hf.compile(segment=k) cannot honour hf.vmap(..., randomness={fn.randomness!r}): each segment's "
+                "VJP recomputes its forward, which would draw other dropout masks than the forward did. Compile "
+                f"the whole loop instead, torch.compile(torch.func.vmap(hg, in_dims, randomness={fn.randomness!r}), "
+                "fullgraph=True), or run hf.vmap eagerly"
+            )
         return replace(fn, fn=compile(fn.fn, segment, **options))
     if not isinstance(fn, HyperGradFunction):
         raise TypeError(

@@ -244,7 +244,8 @@ def _batched_kernel(fn: Kernel, segments: Segments, per_task: frozenset, compile
         if key not in batched:  # one compiled kernel per batching pattern (e.g. shared hparams) and signature
 
             def over(*args):
-                return torch.func.vmap(fn, in_dims=in_dims)(*args)
+                # a draw (dropout) must reach check_no_draws' clear error, not vmap's randomness error
+                return torch.func.vmap(fn, in_dims=in_dims, randomness="different")(*args)
 
             batched[key] = _new_kernel(compile, over, args, segments)
         # an output that only broadcasts an unbatched input over the tasks comes back with batch
@@ -318,6 +319,8 @@ def check_no_draws(before: tuple, leaves: Leaves) -> None:
     if not same_rng_state(before, rng_state(leaves)):
         raise ValueError(
             "hf.compile(segment=k) needs an inner step without random draws (dropout, torch.rand): the "
-            "segment VJP recomputes the forward and would draw different numbers; use the eager transform "
-            "(with checkpoint_every, which replays the random state)"
+            "segment VJP recomputes the forward and would draw different numbers. Use the eager transform "
+            "(hf.vmap(hg, in_dims, randomness='different'); unroll's checkpoint_every replays the random state) "
+            "or compile the whole loop: torch.compile(torch.func.vmap(hg, in_dims, randomness='different'), "
+            "fullgraph=True)"
         )

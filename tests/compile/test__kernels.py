@@ -77,3 +77,8 @@ def test_random_draws_in_the_step_are_refused():
         fast(h, w0, (x, y), (x, y))
     with pytest.raises(ValueError, match="random draws"):  # T <= k: one kernel, refused alike
         hf.compile(hg, segment=4, backend="eager")(h, w0, (x, y), (x, y))
+    # over tasks the kernels' vmap lets the draw through to the same error (not vmap's randomness error)
+    fast = hf.compile(hf.vmap(hg, in_dims=(None, None, 0, 0)), segment=2, backend="eager")
+    xs, ys = torch.stack([x, x + 1]), torch.stack([y, y])
+    with pytest.raises(ValueError, match="random draws.*randomness='different'"):
+        fast(h, w0, (xs, ys), (xs, ys))

@@ -69,3 +69,59 @@ def test_bad_arguments():
         hf.compile(hg, segment=2, bakend="eager")
     with pytest.raises(ValueError, match="mode= or options="):
         hf.compile(hg, segment=2, mode="max-autotune", options={"cpp_wrapper": True})
+
+
+def _dropout_maml():
+    """MAML on a small Conv-BatchNorm-Dropout net: learned init, per-task buffers."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+        torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 3, 2),
+    ).double()
+    params, buffers = hf.module_state(net)
+
+    def loss(p, h, batch, b):
+        out, b = hf.functional_call(net, p, b, batch[0])
+        return torch.nn.functional.cross_entropy(out, batch[1]), b
+
+    loop = hf.InnerLoop(loss, hf.optim.sgd(lr=0.1), steps=2, full_batch=True)
+    x, y = torch.randn(3, 6, 1, 5, 5, dtype=DT), torch.randint(0, 2, (3, 6))
+    return hf.unroll(loop, loss), (params, lambda h: h, (x, y), (x, y), torch.stack([buffers] * 3))
+
+
+MAML_IN_DIMS = (None, None, 0, 0, 0)  # hparams and the init function shared, data and buffers per task
+
+
+def test_vmap_randomness_is_torch_func_vmaps():
+    hg, args = _dropout_maml()
+    with pytest.raises(RuntimeError, match="randomness"):  # torch's default, unchanged
+        hf.vmap(hg, in_dims=MAML_IN_DIMS)(*args)
+    torch.manual_seed(1)
+    ours = hf.vmap(hg, in_dims=MAML_IN_DIMS, randomness="different")(*args)
+    torch.manual_seed(1)
+    ref = torch.func.vmap(hg, in_dims=MAML_IN_DIMS, randomness="different")(*args)
+    tree_close(ours.grads, ref.grads, rtol=0, atol=0)
+    torch.manual_seed(2)  # another seed draws other masks: the comparison above is not vacuous
+    other = hf.vmap(hg, in_dims=MAML_IN_DIMS, randomness="different")(*args)
+    assert not torch.equal(other.grads["0", "weight"], ours.grads["0", "weight"])
+    with pytest.raises(ValueError, match="randomness must be one of"):
+        hf.vmap(hg, in_dims=MAML_IN_DIMS, randomness="per_task")
+
+
+def test_compile_refuses_vmap_randomness_and_names_the_whole_loop_route():
+    hg, args = _dropout_maml()
+    with pytest.raises(ValueError, match=r"randomness='different'.*torch.compile\(torch.func.vmap"):
+        hf.compile(hf.vmap(hg, in_dims=MAML_IN_DIMS, randomness="different"), segment=2)
+
+
+def test_whole_loop_compile_with_dropout_draws_the_eager_masks():
+    """torch.compile(torch.func.vmap(hg, randomness='different'), fullgraph=True) with dropout: under the
+    same seed it draws eager's masks (aot_eager runs torch's random kernels in eager's order), so the
+    hypergradients agree to float64 rounding."""
+    hg, args = _dropout_maml()
+    vmapped = torch.func.vmap(hg, in_dims=MAML_IN_DIMS, randomness="different")
+    torch.manual_seed(1)
+    ref = vmapped(*args)
+    torch.manual_seed(1)
+    out = torch.compile(vmapped, fullgraph=True, backend="aot_eager")(*args)
+    tree_close(out.grads, ref.grads, rtol=1e-12, atol=1e-12)
