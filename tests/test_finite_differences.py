@@ -74,6 +74,23 @@ def test_adam_lr_wd_init_against_fd():
     _fd_check(hf.unroll(loop, outer), outer, loop, hparams, params0, batches, val)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lr, wd: hf.optim.adamw(lr=lr, weight_decay=wd),
+        lambda lr, wd: hf.optim.rmsprop(lr=lr, weight_decay=wd, momentum=0.5, centered=True),
+    ],
+    ids=["adamw", "rmsprop"],
+)
+@pytest.mark.parametrize("name", ["unroll", "forward"])
+def test_adamw_rmsprop_lr_wd_init_against_fd(make, name):
+    opt = make(lambda h: h["log_lr"].exp() * 0.1, lambda h: h["log_wd"].exp())
+    loop, outer, hparams, params0 = _problem(opt)
+    batches, val = _data()
+    hg = hf.unroll(loop, outer) if name == "unroll" else hf.forward(loop, outer)
+    _fd_check(hg, outer, loop, hparams, params0, batches, val)
+
+
 def test_per_parameter_learning_rates_against_fd():
     # Meta-SGD: one learning rate per parameter entry, a TensorDict shaped like the params.
     def inner(p, h, batch):

@@ -2,7 +2,9 @@
 
 from ._base import Arg, Optimizer
 from .adam import adam
+from .adamw import adamw
+from .rmsprop import rmsprop
 from .sgd import sgd
 from .sgld import sgld
 
-__all__ = ["Arg", "Optimizer", "adam", "sgd", "sgld"]
+__all__ = ["Arg", "Optimizer", "adam", "adamw", "rmsprop", "sgd", "sgld"]
