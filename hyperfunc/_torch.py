@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "CompileWrapper",
+    "DataDependentError",
     "FakeTensorMode",
     "InductorWrapper",
     "OpOverload",
@@ -104,6 +105,10 @@ coerce_cinterpreter = _symbol("torch._functorch.pyfunctorch:coerce_cinterpreter"
 make_fx = _symbol("torch.fx.experimental.proxy_tensor:make_fx", "tracing a kernel into aten operations")
 get_proxy_mode = _symbol("torch.fx.experimental.proxy_tensor:get_proxy_mode", "whether a program is being traced")
 ShapeEnv = _symbol("torch.fx.experimental.symbolic_shapes:ShapeEnv", "fake inputs as dynamo hands them over")
+DataDependentError = _symbol(
+    "torch.fx.experimental.symbolic_shapes:GuardOnDataDependentSymNode",
+    "naming a schedule that reads the step's value in a compiled kernel (optim)",
+)
 FakeTensorMode = _symbol("torch._subclasses.fake_tensor:FakeTensorMode", "fake inputs for the compiler backend")
 tracing = _symbol("torch._guards:tracing", "the tracing context inductor reads its fake mode from")
 TracingContext = _symbol("torch._guards:TracingContext", "the tracing context inductor reads its fake mode from")

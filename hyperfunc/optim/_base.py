@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -11,11 +12,15 @@ from typing import Any, Optional, Union
 import torch
 from tensordict import TensorDictBase
 
+from .._torch import DataDependentError
 from .._tree import Keys, Leaves, build, check_same_keys, check_tensordict, keys_of, leaves_of
 
 #: A numeric optimizer argument: a number, a scalar tensor, or a function of the hyperparameters
-#: returning a scalar tensor or a TensorDict shaped like the params (one value per parameter).
-Arg = Union[float, torch.Tensor, Callable[[TensorDictBase], Any]]
+#: (``h -> value``) or of the hyperparameters and the step (``(h, t) -> value``, ``t`` the 0-based inner
+#: step: a Python int in a Python loop, an int64 scalar tensor in compiled kernels and in
+#: ``Optimizer.update``; ``h["lrs"][t]`` and ``decay ** t`` work with both) returning a scalar tensor or a
+#: TensorDict shaped like the params.
+Arg = Union[float, torch.Tensor, Callable[..., Any]]
 #: What an argument becomes for one step: a number, a scalar tensor, or one tensor per param leaf.
 Resolved = Union[float, torch.Tensor, tuple]
 
@@ -63,6 +68,11 @@ class Optimizer:
         """The weight decay argument (0.0 when the optimizer has none)."""
         return self.args.get("weight_decay", 0.0)
 
+    @property
+    def scheduled(self) -> tuple[str, ...]:
+        """The names of the arguments that depend on the step (``(h, t) -> value``)."""
+        return tuple(name for name, value in self.args.items() if isinstance(value, Scheduled))
+
     # -- public TensorDict API -------------------------------------------------------------
     def init(self, params: TensorDictBase) -> TensorDictBase:
         """The optimizer state before the first step: params, zero buffers and ``step = 0``."""
@@ -95,7 +105,7 @@ class Optimizer:
         n = len(keys)
         params = state[:n]
         buffers = tuple(state[n * (i + 1) : n * (i + 2)] for i in range(len(self.buffers)))
-        args = {name: resolve(name, value, hparams, keys, params) for name, value in self.args.items()}
+        args = {name: resolve(name, value, hparams, keys, params, step) for name, value in self.args.items()}
         params, buffers = self.rule(params, buffers, grads, args, step)
         new = tuple(params) + tuple(leaf for buffer in buffers for leaf in buffer)
         # the state keeps its dtypes: a float64 per-parameter lr must not promote float32 params
@@ -120,14 +130,32 @@ def _device(td: TensorDictBase) -> torch.device | None:
     return leaves[0].device if leaves else None
 
 
-def resolve(name: str, value: Arg, hparams: TensorDictBase | None, keys: Keys, params: Leaves) -> Resolved:
-    """Evaluate one optimizer argument for this step (a callable is called on ``hparams``)."""
+@dataclass(frozen=True)
+class Scheduled:
+    """An optimizer argument given as ``fn(hparams, t)``: a value per inner step (a learned schedule)."""
+
+    fn: Callable[[Any, torch.Tensor], Any]
+
+    def __call__(self, hparams: Any, t: torch.Tensor) -> Any:
+        return self.fn(hparams, t)
+
+
+def resolve(
+    name: str, value: Arg, hparams: TensorDictBase | None, keys: Keys, params: Leaves, step: Any = 0
+) -> Resolved:
+    """Evaluate one optimizer argument for this step (a callable is called on ``hparams``, a
+    :class:`Scheduled` one on ``hparams`` and the step)."""
     if not callable(value):
         return value
     if hparams is None:
         raise ValueError(f"optimizer argument {name!r} is a function of the hyperparameters: pass hparams to update()")
     try:
-        out = value(hparams)
+        if isinstance(value, Scheduled):
+            # the step as the loop holds it: an int in a Python loop (dynamo unrolls it, and a tensor made
+            # from it would index as a data-dependent value), an int64 tensor in hf.compile's kernels
+            out = _call_scheduled(name, value, hparams, step)
+        else:
+            out = value(hparams)
     except KeyError as err:
         raise ValueError(
             f"optimizer argument {name!r} read a key that hparams lacks: {err}; hparams has keys "
@@ -155,6 +183,36 @@ def resolve(name: str, value: Arg, hparams: TensorDictBase | None, keys: Keys, p
     raise TypeError(f"{name}(hparams) must return a number, a scalar tensor or a TensorDict, got {type(out).__name__}")
 
 
+def _call_scheduled(name: str, value: Scheduled, hparams: Any, step: Any) -> Any:
+    try:
+        return value(hparams, step)
+    except DataDependentError as err:
+        raise ValueError(
+            f"optimizer argument {name!r} used the step t as a Python number (h['lrs'][t] indexes with its value); "
+            "hf.compile's kernels hold t as one tensor for every step, whose value is unknown when they are traced. "
+            f"Index with hf.optim.pick(h['lrs'], t), which works for an int and a tensor t"
+        ) from err
+
+
+def pick(values: Any, t: Any) -> Any:
+    """``values[t]``: the entry of step ``t`` along the first dimension of a tensor (or of every leaf of a
+    TensorDict), for ``t`` an int or an int64 scalar tensor. With a tensor ``t`` it is one ``index_select``,
+    so a compiled kernel traces one graph for every step, where ``values[t]`` would read t's value.
+
+    Examples:
+        >>> import torch, hyperfunc as hf
+        >>> lrs = torch.tensor([0.3, 0.2, 0.1])
+        >>> hf.optim.pick(lrs, 1), hf.optim.pick(lrs, torch.tensor(2))
+        (tensor(0.2000), tensor(0.1000))
+        >>> opt = hf.optim.sgd(lr=lambda h, t: hf.optim.pick(h["lrs"], t))  # a learned per-step schedule
+    """
+    if isinstance(values, TensorDictBase):
+        return values.apply(lambda x: pick(x, t), batch_size=[])
+    if torch.is_tensor(t):
+        return values.index_select(0, t.reshape(1).to(values.device)).squeeze(0)
+    return values[t]
+
+
 def _key_name(key: Any) -> str:
     return ".".join(key) if isinstance(key, tuple) else str(key)
 
@@ -165,8 +223,19 @@ def at(arg: Resolved, i: int) -> Any:
 
 
 def check_arg(name: str, value: Any, low: float = 0.0, high: float = math.inf, closed_high: bool = True) -> Arg:
-    """Validate a numeric argument at construction (callables are checked when they are called)."""
+    """Validate a numeric argument at construction (callables are checked when they are called; one that
+    takes two positional arguments, ``(hparams, t)``, becomes :class:`Scheduled`)."""
+    if isinstance(value, Scheduled):
+        return value
     if callable(value):
+        arity = _positional_arity(value)
+        if arity == 2:
+            return Scheduled(value)
+        if arity != 1:
+            raise TypeError(
+                f"{name} as a function takes the hyperparameters, h -> value, or the hyperparameters and the "
+                f"0-based inner step, (h, t) -> value; got a function of {arity} positional arguments"
+            )
         return value
     if torch.is_tensor(value):
         if value.numel() != 1 or not value.is_floating_point():
@@ -181,6 +250,16 @@ def check_arg(name: str, value: Any, low: float = 0.0, high: float = math.inf, c
         )
     _check_range(name, float(value), low, high, closed_high)
     return float(value)
+
+
+def _positional_arity(fn: Callable) -> int:
+    """How many positional arguments ``fn`` requires (1 for a callable whose signature cannot be read)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
 def _check_range(name: str, value: float, low: float, high: float, closed_high: bool) -> None:

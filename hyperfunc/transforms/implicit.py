@@ -57,6 +57,11 @@ def _check_optimizer(loop: InnerLoop) -> Union[float, torch.Tensor]:
             f"implicit differentiation needs a deterministic optimizer whose fixed points are stationary points "
             f"of the inner loss (sgd or adam), got {opt.name!r}; use unroll or langevin for SGLD"
         )
+    if opt.scheduled:
+        raise ValueError(
+            f"implicit differentiation needs a fixed point, and an optimizer whose {list(opt.scheduled)} depend on "
+            "the inner step has none (its fixed point has no step). Use unroll, forward or truncate"
+        )
     dynamic = [name for name, value in opt.args.items() if callable(value)]
     if dynamic:
         raise ValueError(
