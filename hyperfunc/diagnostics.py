@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from tensordict import TensorDictBase
 
-from ._tree import check_same_keys, check_tensordict, dot, keys_of, leaves_of, safe_divide
+from ._tree import check_same_keys, check_tensordict, dot, keys_of, leaves_of
 from .loop import InnerLoop, Loss
 from .transforms import Transform, unroll
 
@@ -40,6 +40,10 @@ def agreement(grads: TensorDictBase, reference: TensorDictBase) -> Agreement:
 
     .. math:: \cos = \frac{\langle g, g^*\rangle}{\|g\|\,\|g^*\|}, \qquad r = \frac{\|g\|}{\|g^*\|}
 
+    Edge cases stay readable: two zero vectors agree (cosine 1, ratio 1); one zero vector against a
+    nonzero one has cosine 0 and ratio 0 (``grads`` zero) or infinity (``reference`` zero); a NaN or
+    infinity in either input gives NaN in both fields, never a number that looks measured.
+
     Examples:
         >>> import torch, hyperfunc as hf
         >>> from tensordict import TensorDict
@@ -53,8 +57,14 @@ def agreement(grads: TensorDictBase, reference: TensorDictBase) -> Agreement:
     keys = keys_of(reference)
     check_same_keys(grads, keys, "grads", "reference")
     g, r = leaves_of(grads, keys), leaves_of(reference, keys)
-    gg, rr = dot(g, g), dot(r, r)
-    return Agreement(safe_divide(dot(g, r), (gg * rr).sqrt()), (gg / rr).sqrt(), grads, reference)
+    gg, rr, gr = dot(g, g), dot(r, r), dot(g, r)
+    both_zero, one_zero = (gg == 0) & (rr == 0), (gg == 0) ^ (rr == 0)
+    measured = torch.where(one_zero, torch.zeros_like(gg), gr / (gg * rr).sqrt())
+    cosine = torch.where(both_zero, torch.ones_like(gg), measured)
+    ratio = torch.where(both_zero, torch.ones_like(gg), (gg / rr).sqrt())
+    broken = ~(torch.isfinite(gg) & torch.isfinite(rr))
+    nan = torch.full_like(gg, float("nan"))
+    return Agreement(torch.where(broken, nan, cosine), torch.where(broken, nan, ratio), grads, reference)
 
 
 def compare(transform: Transform, reference: Transform = unroll) -> Callable[[InnerLoop, Loss], Callable]:

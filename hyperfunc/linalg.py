@@ -79,7 +79,9 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
       :math:`100\,\epsilon` times the largest one met so far; :math:`\epsilon` is the dtype's
       machine epsilon), so a vanishing :math:`p^\top A p` never divides;
     * the iterate returned is the one with the smallest recursive residual met (the last one
-      whenever the residuals decrease, as they do on a well-conditioned system).
+      whenever the residuals decrease, as they do on a well-conditioned system);
+    * a NaN or infinity in :math:`b` or in a product with :math:`A` makes ``x`` all NaN: the guards
+      above would otherwise freeze at :math:`x = 0` and hand on a plausible zero.
 
     Both matter on a singular :math:`A` (an over-parameterised inner problem without damping) when
     :math:`b` leaves its range: plain CG then overshoots (its step :math:`r^\top r / p^\top A p`
@@ -105,9 +107,11 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
     floor = rr * eps**2  # converged once rr is at this level
     top = torch.zeros_like(rr)  # largest Rayleigh quotient met so far
     active = rr > floor
+    broken = ~torch.isfinite(rr)  # a NaN or inf in b, or (below) in a product with A
     for _ in range(iters):
         Ap = damped(p)
         pAp = dot(p, Ap)
+        broken = broken | ~torch.isfinite(pAp)
         rayleigh = safe_divide(pAp, dot(p, p))
         top = torch.maximum(top, rayleigh)
         active = active & (rayleigh > 100 * eps * top) & (rr > floor)
@@ -120,6 +124,7 @@ def cg(matvec: Callable, b: Any, iters: int, damping: float = 0.0) -> Solution:
         rr = torch.where(active, rr_new, rr)
         better = rr < best_rr
         best, best_rr = _select(better, x, best), torch.where(better, rr, best_rr)
+    best = _select(broken, tuple(torch.full_like(v, float("nan")) for v in best), best)
     return Solution(back(best), _residual(damped, b_flat, best))
 
 

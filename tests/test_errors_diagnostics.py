@@ -3,7 +3,9 @@
 import warnings
 
 import pytest
+import torch
 from problems import Quadratic, td
+from tensordict import TensorDict
 
 import hyperfunc as hf
 
@@ -33,3 +35,23 @@ def test_linear_estimation_warns_on_an_implausible_theta():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert 0 < hf.linear_estimation(0.99)(q.loop(), q.outer)(*q.args()).theta < 10
+
+
+@pytest.mark.parametrize(
+    "grads, reference, cosine, ratio",
+    [
+        ([1.0, 1.0], [2.0, 0.0], 0.5**0.5, 0.5**0.5),
+        ([0.0, 0.0], [0.0, 0.0], 1.0, 1.0),  # both zero: they agree
+        ([0.0, 0.0], [1.0, 0.0], 0.0, 0.0),
+        ([1.0, 0.0], [0.0, 0.0], 0.0, float("inf")),
+        ([float("nan"), 0.0], [1.0, 0.0], float("nan"), float("nan")),  # never a number that looks measured
+        ([1.0, 0.0], [float("inf"), 0.0], float("nan"), float("nan")),
+    ],
+)
+def test_agreement_edge_cases_stay_readable(grads, reference, cosine, ratio):
+    def tree(v):
+        return TensorDict({"x": torch.tensor(v, dtype=torch.float64)}, [])
+
+    a = hf.agreement(tree(grads), tree(reference))
+    torch.testing.assert_close(a.cosine, torch.tensor(cosine, dtype=torch.float64), equal_nan=True)
+    torch.testing.assert_close(a.norm_ratio, torch.tensor(ratio, dtype=torch.float64), equal_nan=True)

@@ -75,3 +75,28 @@ def test_linalg_on_tensordicts():
     torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))
     sol = hf.linalg.neumann(lambda v: td(x=A @ v["x"]), b, iters=200, alpha=0.2)
     torch.testing.assert_close(sol.x["x"], torch.linalg.solve(A, b["x"]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["b", "matvec"])
+def test_cg_makes_a_nan_or_inf_visible_instead_of_returning_zero(bad, where):
+    """Without the check the guards freeze at x = 0: a plausible answer from a broken input."""
+    A = torch.eye(3, dtype=DT) * 2
+    b = torch.ones(3, dtype=DT)
+    if where == "b":
+        b[1] = bad
+        matvec = lambda v: A @ v  # noqa: E731
+    else:
+        matvec = lambda v: A @ v + bad  # noqa: E731
+    assert torch.isnan(hf.linalg.cg(matvec, b, iters=5).x).all()
+    assert torch.isfinite(hf.linalg.cg(lambda v: A @ v, torch.ones(3, dtype=DT), iters=5).x).all()
+
+
+def test_implicit_cg_with_a_nan_in_the_outer_batch_gives_nan_not_zero():
+    loop = hf.InnerLoop(
+        lambda p, h, x: ((p["w"] - x) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum(), hf.optim.sgd(lr=0.1), 50, True
+    )
+    hg = hf.implicit("cg", 5)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    args = (td(l2=torch.tensor(0.5, dtype=DT)), td(w=torch.zeros(2, dtype=DT)), torch.ones(2, dtype=DT))
+    assert torch.isnan(hg(*args, torch.tensor([0.0, float("nan")], dtype=DT)).grads["l2"])
+    assert torch.isfinite(hg(*args, torch.zeros(2, dtype=DT)).grads["l2"])
