@@ -8,16 +8,15 @@ reads back without trusting pickled classes. Loading fills the same structure bu
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._torch import keystr, tree_flatten_with_path, tree_unflatten
 
 __all__ = ["from_state_dict", "to_state_dict"]
-
-_NUMBERS = (bool, int, float)
-
 
 def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
     """``{key path: tensor}`` for every leaf of ``tree`` (detached copies; Python numbers become
@@ -35,8 +34,8 @@ def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
         key = keystr(path)
         if torch.is_tensor(leaf):
             out[key] = leaf.detach().clone()
-        elif isinstance(leaf, _NUMBERS):
-            out[key] = torch.tensor(leaf)
+        elif isinstance(leaf, (bool, numbers.Integral, numbers.Real)):
+            out[key] = _number_tensor(leaf)
         elif leaf is not None:
             raise TypeError(f"to_state_dict: the leaf at {key} is a {type(leaf).__name__}; only tensors and numbers")
     return out
@@ -79,5 +78,23 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
                 )
             leaves.append(saved.to(leaf.device, copy=True))
         else:
+            expected = _number_tensor(leaf)
+            if not torch.is_tensor(saved) or saved.shape != () or saved.dtype != expected.dtype:
+                got = f"{saved.dtype} {tuple(saved.shape)}" if torch.is_tensor(saved) else type(saved).__name__
+                raise ValueError(
+                    f"from_state_dict: {key} is a Python {type(leaf).__name__} in like, saved as {got}; expected a "
+                    f"{expected.dtype} scalar (to_state_dict saves bools, ints and floats exactly, as bool, int64 "
+                    "and float64)"
+                )
             leaves.append(type(leaf)(saved.item()))
     return tree_unflatten(leaves, spec)
+
+
+def _number_tensor(x: Any) -> torch.Tensor:
+    """A Python or numpy number as the 0-d tensor that holds it exactly: bool, int64 or float64 (a float
+    saved as float32 would come back rounded, 0.1 as 0.10000000149011612)."""
+    if isinstance(x, (bool, np.bool_)):
+        return torch.tensor(bool(x))
+    if isinstance(x, numbers.Integral):
+        return torch.tensor(int(x), dtype=torch.int64)
+    return torch.tensor(float(x), dtype=torch.float64)

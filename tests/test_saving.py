@@ -1,5 +1,6 @@
 """hyperfunc.saving: meta-training state through torch.save / torch.load(weights_only=True)."""
 
+import numpy as np
 import pytest
 import torch
 import torchopt
@@ -60,3 +61,26 @@ def test_unsupported_leaves_are_refused():
         hf.to_state_dict({"f": "text"})
     with pytest.raises(TypeError, match="state must be a dict"):
         hf.from_state_dict([torch.ones(1)], like=[torch.ones(1)])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.1, 1 / 3, 1e-300, 2**62 + 1, -7, True, np.float64(0.1), np.int64(5), np.float32(0.25)],
+    ids=lambda v: f"{type(v).__name__}({v})",
+)
+def test_numbers_round_trip_exactly(value):
+    """A float saved as float32 came back as 0.10000000149011612: resume is bit for bit only if it is exact."""
+    like = {"x": type(value)(0)}
+    back = hf.from_state_dict(hf.to_state_dict({"x": value}), like=like)["x"]
+    assert type(back) is type(value) and back == value
+
+
+@pytest.mark.parametrize(
+    "saved, like",
+    [({"x": torch.tensor(2.7, dtype=torch.float64)}, {"x": 0}), ({"x": torch.tensor(3)}, {"x": 0.0})],
+)
+def test_a_number_saved_with_another_type_is_refused(saved, like):
+    """An int leaf saved as 2.7 loaded as 2 before."""
+    key = "['x']"
+    with pytest.raises(ValueError, match=r"\['x'\] is a Python .* saved as"):
+        hf.from_state_dict({key: saved["x"]}, like=like)
