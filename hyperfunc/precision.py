@@ -46,6 +46,12 @@ def mixed_precision(fn: Callable, dtype: torch.dtype = torch.bfloat16) -> Callab
         master = next((x for x in tree_leaves(args) if torch.is_tensor(x) and x.is_floating_point()), None)
         if master is None:
             raise TypeError("mixed_precision: the function's inputs hold no floating-point tensor")
+        if master.dtype == torch.float64:  # autocast leaves float64 operations alone: nothing would run in dtype
+            raise ValueError(
+                "mixed_precision: the master precision (the first floating-point input) is float64, which "
+                f"torch.autocast does not lower, so nothing would run in {dtype}; use float32 masters "
+                "(params and hparams in float32), or drop mixed_precision for a float64 run"
+            )
         with torch.autocast(master.device.type, dtype=dtype):
             out = fn(*args)
         return tree_map(lambda x: x.to(master.dtype) if torch.is_tensor(x) and x.is_floating_point() else x, out)

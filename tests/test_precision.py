@@ -93,3 +93,10 @@ def test_mixed_precision_errors():
         hf.mixed_precision(lambda p: p, dtype=torch.float64)
     with pytest.raises(TypeError, match="no floating-point tensor"):
         hf.mixed_precision(lambda p: p)(torch.ones(2, dtype=torch.int64))
+
+
+def test_float64_masters_are_refused_instead_of_silently_ignored():
+    """autocast skips float64: the wrapped loss would run in float64 and report nothing."""
+    loss = hf.mixed_precision(lambda p, h, x: (p["w"] * x).sum())
+    with pytest.raises(ValueError, match="master precision .* is float64"):
+        loss({"w": torch.ones(2, dtype=torch.float64)}, {}, torch.ones(2, dtype=torch.float64))

@@ -89,8 +89,15 @@ class Optimizer:
         keys = keys_of(state.get("params"))
         check_same_keys(grads, keys, "grads", "state['params']")
         leaves = self._state_leaves(state, keys)
+        grad_leaves = leaves_of(grads, keys)
+        for key, g, w in zip(keys, grad_leaves, leaves):
+            if g.shape != w.shape:  # a broadcasting gradient would update every entry with the same value
+                raise ValueError(
+                    f"grads[{_key_name(key)!r}] has shape {tuple(g.shape)} but state['params'][{_key_name(key)!r}] "
+                    f"has {tuple(w.shape)}; pass one gradient entry per parameter entry"
+                )
         step = state.get("step")
-        new = self._step_leaves(leaves, leaves_of(grads, keys), hparams, keys, step)
+        new = self._step_leaves(leaves, grad_leaves, hparams, keys, step)
         return self._state_dict(new, keys, step + 1)
 
     # -- flat layout used by the inner loop: (w..., buffer_1..., buffer_2...) ----------------

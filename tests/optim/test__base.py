@@ -63,3 +63,10 @@ def test_callable_arg_wrong_shape_is_clear():
 def test_bad_optimizer_arguments(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_update_refuses_a_gradient_that_would_broadcast():
+    opt = hf.optim.sgd(lr=0.1)
+    state = opt.init(td(w=torch.zeros(3)))
+    with pytest.raises(ValueError, match=r"grads\['w'\] has shape \(1,\) but state\['params'\]\['w'\] has \(3,\)"):
+        opt.update(state, td(w=torch.ones(1)))
