@@ -488,6 +488,11 @@ def _with_init_rule(transform: Transform, rule: InitRule, wrapper: str) -> Trans
         hg = transform(loop, outer_loss)
         if not isinstance(hg, HyperGradFunction):
             raise TypeError(f"{wrapper} needs a hyperfunc transform, got one returning {type(hg).__name__}")
+        if hg.init_rule is not None:  # one rule replaces the init term: nesting would silently drop the inner one
+            raise ValueError(
+                f"{wrapper}({hg.name}): {hg.name} already replaces the learned-initialization term; wrap the bare "
+                f"transform in one of hf.fomaml or hf.reptile, e.g. hf.{wrapper}(hf.first_order)"
+            )
         return replace(hg, init_rule=rule, name=f"{wrapper}({hg.name})")
 
     return wrapped

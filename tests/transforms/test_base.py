@@ -40,3 +40,13 @@ def test_a_derived_bound_starts_with_its_own_cache():
     bound.statics()
     derived = bound.with_prepared(bound.prep)
     assert derived._cache is not bound._cache and not derived._cache
+
+
+@pytest.mark.parametrize(
+    "outer, inner", [(hf.reptile, hf.fomaml), (hf.fomaml, hf.reptile), (hf.fomaml, hf.fomaml)]
+)
+def test_nested_init_rules_are_refused(outer, inner):
+    """One rule replaces the w_0 term; reptile(fomaml(t)) silently dropped fomaml's before."""
+    loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=2, full_batch=True)
+    with pytest.raises(ValueError, match=r"already replaces the learned-initialization term"):
+        outer(inner(hf.first_order))(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
