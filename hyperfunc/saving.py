@@ -18,6 +18,7 @@ from ._torch import keystr, tree_flatten_with_path, tree_unflatten
 
 __all__ = ["from_state_dict", "to_state_dict"]
 
+
 def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
     """``{key path: tensor}`` for every leaf of ``tree`` (detached copies; Python numbers become
     0-d tensors).

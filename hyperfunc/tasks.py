@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from ._checks import check_int
 from .loop import InnerLoop
 from .optim import sgd
 
@@ -51,8 +52,11 @@ def sinusoid_tasks(
         >>> tasks.x_train.shape, tasks.y_val.shape
         (torch.Size([4, 10, 1]), torch.Size([4, 10, 1]))
     """
-    if n_tasks < 1 or shots < 1 or val_shots < 1:
-        raise ValueError(f"n_tasks, shots and val_shots must be >= 1, got {n_tasks}, {shots}, {val_shots}")
+    n_tasks, shots, val_shots = (
+        check_int(n_tasks, "n_tasks", 1),
+        check_int(shots, "shots", 1),
+        check_int(val_shots, "val_shots", 1),
+    )
     u = lambda *shape: torch.rand(*shape, generator=generator, dtype=dtype)
     amplitude = 0.1 + 4.9 * u(n_tasks, 1, 1)
     phase = math.pi * u(n_tasks, 1, 1)

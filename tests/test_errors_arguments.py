@@ -66,3 +66,10 @@ GOOD = [
 @pytest.mark.parametrize("make", GOOD, ids=[str(i) for i in range(len(GOOD))])
 def test_accepted_edge_case(make):
     make()
+
+
+@pytest.mark.parametrize("kw", [dict(n_tasks=2.5), dict(n_tasks=3, shots=0), dict(n_tasks=3, val_shots=True)])
+def test_sinusoid_tasks_names_a_bad_count(kw):
+    """2.5 failed inside torch.rand."""
+    with pytest.raises((TypeError, ValueError), match=r"(n_tasks|shots|val_shots) must be"):
+        hf.tasks.sinusoid_tasks(**kw)
