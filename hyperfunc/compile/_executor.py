@@ -23,6 +23,7 @@ from ..transforms import _primitives as primitives
 from ..transforms._executor import EAGER, HyperCotangent, Prepared
 from ..transforms._primitives import Layout, Statics, split
 from ..transforms.base import Bound
+from ._closures import fingerprint
 from ._kernels import Kernel, Segments, check_no_draws
 from ._traced import one_kernel, program, traced_call, traced_call_over_tasks
 
@@ -193,7 +194,14 @@ class Compiled:
             return replace(hg, executor=EAGER).outcome, one_kernel
         return hg.outcome, program
 
+    def _check_closures(self, loop: Any, outer_loss: Any, params0: Any) -> None:
+        args = loop.optimizer.args.values()
+        init = params0 if callable(params0) else None  # a TensorDict params0 is an input, not a closure
+        fp = fingerprint(loop.inner_loss, outer_loss, loop.prepare, init, *(v for v in args if callable(v)))
+        self.segments.check_closures(fp)
+
     def call(self, hg: Any, args: tuple) -> tuple:
+        self._check_closures(hg.loop, hg.outer_loss, args[1] if len(args) > 1 else None)
         return traced_call(*self._traced(hg), self.segments, args)
 
     def over_tasks(self, hg: Any, in_dims: Any, args: tuple) -> Any:
@@ -202,6 +210,7 @@ class Compiled:
         ``vmap``, which also raises its errors)."""
         if not 4 <= len(args) <= 5:
             return None
+        self._check_closures(hg.loop, hg.outer_loss, args[1])
         out = traced_call_over_tasks(*self._traced(hg), self.segments, args, in_dims)
         if out is None:
             return None
@@ -211,6 +220,7 @@ class Compiled:
     # -- the problem's structure, once per call ------------------------------------------------------
     def structure(self, bound: Bound) -> Structure:
         def make() -> Structure:
+            self._check_closures(bound.loop, bound.outer_loss, bound.params0)
             bkeys = keys_of(bound.buffers) if isinstance(bound.buffers, TensorDictBase) else None
             n_state = len(bound.pkeys) * (1 + len(bound.loop.optimizer.buffers))
             return Structure(bound.pkeys, bound.hkeys, bkeys, n_state)
@@ -247,6 +257,7 @@ class Compiled:
         to learn its output's layout."""
         if bound.loop.prepare is None:
             return EAGER.prepare(bound)
+        self.structure(bound)  # checks the closures before a kernel is looked up
         raw, _, leaves = Layout.of(bound.batches, False)
         key = (raw.key(), bound.hkeys)
         if key not in self.segments.prepared:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,25 @@ class Segments:
     results: dict = field(default_factory=dict, compare=False, repr=False)
     #: ``(spec, Layout.key())`` of the traced calls' inputs seen so far
     structures: list = field(default_factory=list, compare=False, repr=False)
+    #: the fingerprint (``_closures.fingerprint``) of the functions the kernels above were traced with
+    closures: list = field(default_factory=list, compare=False, repr=False)
+
+    def check_closures(self, fp: tuple) -> None:
+        """Forget every kernel when the values the problem's functions read from outside their arguments
+        changed (``fp``): they were traced with the old values baked in."""
+        if self.closures and self.closures[0] != fp:
+            warnings.warn(
+                "hf.compile: a value that the losses, prepare, params0 or an optimizer argument read from outside "
+                "their arguments (a closed-over or global number, a rebound tensor) changed since the kernels were "
+                "traced, which baked it in; compiling them again. Pass a value that changes as a hyperparameter or "
+                "in a batch to avoid the recompile",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            for cache in (self.kernels, self.prepared, self.results):
+                cache.clear()
+            self.structures.clear()
+        self.closures[:] = [fp]
 
     def kernel(self, key: tuple, fn: Kernel, per_task: Iterable[int], compile: Optional[Callable] = None) -> TaskKernel:
         """The compiled kernel for ``key`` (built from ``fn`` on first use). The inputs at positions
