@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._tree import Leaves
-from ._base import Arg, Optimizer, at, check_arg, is_zero, safe_sqrt
+from ._base import Arg, Optimizer, Rule, at, check_arg, is_zero, safe_sqrt
 
 
 def adam(
@@ -39,16 +41,39 @@ def adam(
         >>> state["params", "w"]
         tensor([0.9000, 1.1000])
     """
+    args = adam_args(lr, betas, eps, weight_decay)
+    if is_zero(args["weight_decay"]):
+        return Optimizer("adam", ("exp_avg", "exp_avg_sq"), args, adam_rule(_no_decay), preconditioned=True)
+    return Optimizer("adam", ("exp_avg", "exp_avg_sq"), args, adam_rule(_coupled_decay), preconditioned=True)
+
+
+def adam_args(lr: Arg, betas: tuple[Arg, Arg], eps: Arg, weight_decay: Arg) -> dict[str, Arg]:
+    """Adam's arguments, checked (shared by :func:`adam` and :func:`~hyperfunc.optim.adamw`)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    args = {
+    return {
         "lr": check_arg("lr", lr),
         "beta1": check_arg("betas[0]", betas[0], high=1.0, closed_high=False),
         "beta2": check_arg("betas[1]", betas[1], high=1.0, closed_high=False),
         "eps": check_arg("eps", eps),
         "weight_decay": check_arg("weight_decay", weight_decay),
     }
-    decay = not is_zero(args["weight_decay"])
+
+
+#: ``decay(w, g, a, i) -> (w, g)``: how the weight decay enters before Adam's moments (parameter leaf ``i``)
+Decay = Callable[[torch.Tensor, torch.Tensor, dict, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _no_decay(w: torch.Tensor, g: torch.Tensor, a: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return w, g
+
+
+def _coupled_decay(w: torch.Tensor, g: torch.Tensor, a: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return w, g + at(a["weight_decay"], i) * w
+
+
+def adam_rule(decay: Decay) -> Rule:
+    """Adam's step on the flat state, after ``decay`` has applied the weight decay to ``(w, g)``."""
 
     def rule(params: Leaves, buffers: tuple, grads: Leaves, a: dict, step) -> tuple:
         k = step + 1
@@ -56,8 +81,7 @@ def adam(
             k = k.to(params[0].dtype)
         new_params, new_m, new_v = [], [], []
         for i, (w, g) in enumerate(zip(params, grads)):
-            if decay:
-                g = g + at(a["weight_decay"], i) * w
+            w, g = decay(w, g, a, i)
             b1, b2 = at(a["beta1"], i), at(a["beta2"], i)
             m = b1 * buffers[0][i] + (1 - b1) * g
             v = b2 * buffers[1][i] + (1 - b2) * g * g
@@ -67,4 +91,4 @@ def adam(
             new_v.append(v)
         return tuple(new_params), (tuple(new_m), tuple(new_v))
 
-    return Optimizer("adam", ("exp_avg", "exp_avg_sq"), args, rule, preconditioned=True)
+    return rule

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._tree import Leaves
-from ._base import Arg, Optimizer, at, check_arg, safe_sqrt
+from ._base import Arg, Optimizer, at
+from .adam import adam_args, adam_rule
 
 
 def adamw(
@@ -42,30 +42,11 @@ def adamw(
         >>> state["params", "w"]  # 1 * (1 - 0.05) -+ 0.1
         tensor([0.8500, 1.0500])
     """
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    args = {
-        "lr": check_arg("lr", lr),
-        "beta1": check_arg("betas[0]", betas[0], high=1.0, closed_high=False),
-        "beta2": check_arg("betas[1]", betas[1], high=1.0, closed_high=False),
-        "eps": check_arg("eps", eps),
-        "weight_decay": check_arg("weight_decay", weight_decay),
-    }
+    args = adam_args(lr, betas, eps, weight_decay)
+    return Optimizer(
+        "adamw", ("exp_avg", "exp_avg_sq"), args, adam_rule(_decoupled_decay), stationary=False, preconditioned=True
+    )
 
-    def rule(params: Leaves, buffers: tuple, grads: Leaves, a: dict, step) -> tuple:
-        k = step + 1
-        if torch.is_tensor(k):  # the public update() carries the step as an int64 tensor
-            k = k.to(params[0].dtype)
-        new_params, new_m, new_v = [], [], []
-        for i, (w, g) in enumerate(zip(params, grads)):
-            lr, b1, b2 = at(a["lr"], i), at(a["beta1"], i), at(a["beta2"], i)
-            w = w * (1 - lr * at(a["weight_decay"], i))
-            m = b1 * buffers[0][i] + (1 - b1) * g
-            v = b2 * buffers[1][i] + (1 - b2) * g * g
-            denom = safe_sqrt(v) / safe_sqrt(1 - b2**k) + at(a["eps"], i)
-            new_params.append(w - lr / (1 - b1**k) * m / denom)
-            new_m.append(m)
-            new_v.append(v)
-        return tuple(new_params), (tuple(new_m), tuple(new_v))
 
-    return Optimizer("adamw", ("exp_avg", "exp_avg_sq"), args, rule, stationary=False, preconditioned=True)
+def _decoupled_decay(w: torch.Tensor, g: torch.Tensor, a: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return w * (1 - at(a["lr"], i) * at(a["weight_decay"], i)), g
