@@ -141,9 +141,9 @@ def _device(td: TensorDictBase) -> torch.device | None:
 class Scheduled:
     """An optimizer argument given as ``fn(hparams, t)``: a value per inner step (a learned schedule)."""
 
-    fn: Callable[[Any, torch.Tensor], Any]
+    fn: Callable[[Any, Any], Any]
 
-    def __call__(self, hparams: Any, t: torch.Tensor) -> Any:
+    def __call__(self, hparams: Any, t: Any) -> Any:  # t: an int or an int64 scalar tensor
         return self.fn(hparams, t)
 
 
