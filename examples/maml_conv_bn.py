@@ -12,6 +12,10 @@ hypergradient averaged over a vmapped meta-batch.
 - FOMAML: ``hf.fomaml(hf.first_order)``, i.e. dw_T/dw_0 ≈ I.
 - ANIL: the hyperparameters are the body and the head's initialization; only the head adapts
   (``hf.unroll``, exact).
+- MAML++ LSLR (``--lslr``; Antoniou et al. 2019): MAML whose inner learning rate is learned per step
+  and per layer (one value per parameter tensor and inner step, starting at ``--inner-lr``), jointly
+  with the initialization: ``hf.optim.sgd(lr=lambda h, t: hf.optim.pick(h["lslr"], t))``, exact
+  hypergradient (``hf.unroll``). The learned rates are written to ``lslr.md``.
 
 BatchNorm: in train mode, as in MAML, every forward normalizes with the statistics of its own
 batch (support set in the inner loop, query set in the outer loss). The running statistics are
@@ -22,7 +26,8 @@ eval-mode BN, which normalizes the query set with the running statistics carried
 task (T inner steps give them little time to warm up from their initial values).
 
     python examples/maml_conv_bn.py            # 1000 meta-iterations per method (about 7 min on 2 cores)
-    python examples/maml_conv_bn.py --quick    # seconds (tests)
+    python examples/maml_conv_bn.py --lslr     # and MAML++ LSLR in the same table
+    python examples/maml_conv_bn.py --quick    # seconds (tests; with --lslr)
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ def method(name: str, net: nn.Module, steps: int, lr: float):
     whole net (the body from the hyperparameters for ANIL). Inner and outer loss are the same cross-entropy."""
     params, _ = hf.module_state(net)
     opt = hf.optim.sgd(lr=lr)
+    if name == "MAML++ LSLR":  # one learned rate per parameter tensor and inner step
+        opt = hf.optim.sgd(lr=lambda h, t: hf.optim.pick(h["lslr"], t))
 
     if name == "ANIL":
 
@@ -86,8 +93,10 @@ def method(name: str, net: nn.Module, steps: int, lr: float):
             return p
 
         hparams = TensorDict({"init": params}, [])
+        if name == "MAML++ LSLR":
+            hparams["lslr"] = params.apply(lambda p: torch.full((steps,), lr), batch_size=[])
         params0 = lambda h: h["init"]
-        transform = hf.unroll if name == "MAML" else hf.fomaml(hf.first_order)
+        transform = hf.fomaml(hf.first_order) if name == "FOMAML" else hf.unroll
 
     def loss(p, h, batch, buffers):
         x, y = batch
@@ -116,6 +125,15 @@ def meta_test(net, loop, hparams, params0, full, buffers, tasks) -> dict:
     return {"train": 100 * train_mode, "eval": 100 * eval_mode}
 
 
+def write_lslr(out, lslr: TensorDict, args) -> None:
+    """The learned learning rate of every parameter tensor (rows) at every inner step (columns)."""
+    rows = [
+        {"parameter": ".".join(key), **{f"step {t}": f"{lrs[t].item():.3f}" for t in range(args.steps)}}
+        for key, lrs in lslr.items(include_nested=True, leaves_only=True)
+    ]
+    write_table(out, "lslr", rows, f"MAML++ LSLR: learned inner learning rates (all start at {args.inner_lr})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few meta-iterations on a narrow net (tests)")
@@ -128,10 +146,12 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, default=0.4)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--test-tasks", type=int, default=500)
+    parser.add_argument("--lslr", action="store_true", help="add MAML++ per-step per-layer learning rates")
     parser.add_argument("--out", default="results/maml_conv_bn")
     args = parser.parse_args()
     if args.quick:
         args.iterations, args.meta_batch, args.channels, args.test_tasks, args.steps = 3, 2, 4, 8, 2
+        args.lslr = True
     torch.manual_seed(0)
     torch.set_num_threads(2)
     out = results_dir(args.out)
@@ -148,7 +168,7 @@ def main() -> None:
     seen_tasks = sample(args.test_tasks, TRAIN_CLASSES, torch.Generator().manual_seed(4321))
     rows, curves = [], {}
     untrained = untrained_seen = None
-    for name in ("MAML", "FOMAML", "ANIL"):
+    for name in ("MAML", "FOMAML", "ANIL", "MAML++ LSLR")[: 4 if args.lslr else 3]:
         torch.manual_seed(0)
         net = conv4(args.channels, args.way)
         _, buffers = hf.module_state(net)
@@ -170,14 +190,14 @@ def main() -> None:
             losses.append(res.loss.mean().item())
         seconds = (time.perf_counter() - start) / args.iterations
         curves[name] = losses
+        if name == "MAML++ LSLR":
+            write_lslr(out, hparams["lslr"], args)
         acc = meta_test(net, loop, hparams, params0, full, buffers, test_tasks)
         seen = meta_test(net, loop, hparams, params0, full, buffers, seen_tasks)
         rows.append(
             {
                 "method": name,
-                "hypergradient": {"MAML": "hf.unroll", "FOMAML": "hf.fomaml(hf.first_order)", "ANIL": "hf.unroll"}[
-                    name
-                ],
+                "hypergradient": "hf.fomaml(hf.first_order)" if name == "FOMAML" else "hf.unroll",
                 "meta-test acc. % (train-mode BN)": fmt_ci(acc["train"], 1),
                 "meta-test acc. % (eval-mode BN)": fmt_ci(acc["eval"], 1),
                 "new tasks of the training classes % (train-mode BN)": fmt_ci(seen["train"], 1),

@@ -33,7 +33,11 @@ CASES = {
     "shaban_toy": (["truncation_error", "trajectories"], []),
     "hypercleaning": (["hypercleaning"], ["truncate(1)", "truncate(5)", "distill(0.9)"]),
     "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "distill(γ=0.99), offline, θ refit every 50"]),
-    "maml_conv_bn": (["maml_conv_bn"], ["no meta-training", "MAML", "FOMAML", "ANIL"]),
+    "maml_conv_bn": (["maml_conv_bn", "lslr"], ["no meta-training", "MAML", "FOMAML", "ANIL", "MAML++ LSLR"]),
+    "lr_schedule": (
+        ["lr_schedule"],
+        ["unroll (exact)", "forward (exact)", "truncate(10)", "one_step", "online one_step", "distill(0.99, θ=1)"],
+    ),
 }
 
 

@@ -157,3 +157,30 @@ def test_compiled_routes_equal_eager():
     tree_close(whole(hparams, params0, batches, val).grads, eager.grads)
     segmented = hf.compile(hf.vmap(hg, in_dims=in_dims), segment=2, backend="eager")
     tree_close(segmented(hparams, params0, batches, val).grads, eager.grads)
+
+
+def test_per_step_per_layer_rates_against_finite_differences_and_the_shared_schedule():
+    """MAML++ LSLR's form: one rate per parameter tensor and step, ``pick`` over a TensorDict of (T,) leaves.
+    Every entry against central differences; with every layer at the same schedule, the layers' entries sum
+    to the shared schedule's hypergradient."""
+    lrs = torch.tensor([0.5, 0.2, 0.35, 0.1], dtype=DT)
+    init = mlp_params([2, 5, 1])
+    hparams = TensorDict({"lslr": init.apply(lambda p: lrs.clone(), batch_size=[]), "init": init}, [])
+    loop = _loop("unroll", lambda h, t: hf.optim.pick(h["lslr"], t))
+    (batches, val), params0 = _data(2), (lambda h: h["init"])
+    hg = hf.unroll(loop, _loss)
+    res = hg(hparams, params0, batches, val)
+    shared = hf.unroll(_loop("unroll", _schedule), _loss)(_hparams(lrs), params0, batches, val)
+    summed = sum(res.grads["lslr"].values(include_nested=True, leaves_only=True))
+    torch.testing.assert_close(summed, shared.grads["lrs"], rtol=1e-10, atol=1e-12)
+    eps = 1e-6
+    for key in res.grads["lslr"].keys(include_nested=True, leaves_only=True):
+        for t in (0, T - 1):
+
+            def loss_at(delta):
+                bumped = hparams.clone()
+                bumped[("lslr", *key)][t] += delta
+                return hg(bumped, params0, batches, val).loss
+
+            fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+            torch.testing.assert_close(res.grads["lslr"][key][t], fd, rtol=1e-6, atol=1e-10)
