@@ -24,12 +24,14 @@ def _nested(named: Any) -> TensorDict:
 
 
 def module_state(module: nn.Module) -> tuple[TensorDict, TensorDict]:
-    """Split a module into ``(params, buffers)``: copies of its trainable parameters (floating) and of
-    everything else it registers (running statistics, ``num_batches_tracked``: any dtype).
+    """Split a module into ``(params, buffers)``: copies of its trainable parameters (those with
+    ``requires_grad=True``) and of everything else its forward reads: its buffers (running
+    statistics, ``num_batches_tracked``: any dtype) and its frozen parameters (``requires_grad=False``),
+    which the inner loop must neither train nor count in a penalty over ``params``.
 
-    Keys are nested by submodule as in ``TensorDict.from_module``, so ``params.flatten_keys(".")``
-    has the names of ``module.named_parameters()``. The copies are detached: training them never
-    touches the module.
+    Keys are nested by submodule as in ``TensorDict.from_module``, so the flattened keys of ``params``
+    and ``buffers`` together are the names of ``module.named_parameters()`` and ``named_buffers()``.
+    The copies are detached: training them never touches the module.
 
     Examples:
         >>> import torch, hyperfunc as hf
@@ -42,7 +44,10 @@ def module_state(module: nn.Module) -> tuple[TensorDict, TensorDict]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module_state takes an nn.Module, got {type(module).__name__}")
-    return _nested(list(module.named_parameters())), _nested(list(module.named_buffers()))
+    named = list(module.named_parameters())
+    trained = [(name, p) for name, p in named if p.requires_grad]
+    frozen = [(name, p) for name, p in named if not p.requires_grad]
+    return _nested(trained), _nested(frozen + list(module.named_buffers()))
 
 
 def functional_call(
@@ -51,9 +56,13 @@ def functional_call(
     r"""Run ``module`` with ``params`` and ``buffers`` in place of its own: ``(output, new_buffers)``.
 
     Pure: the module, ``params`` and ``buffers`` are never mutated; what the forward pass writes
-    into its buffers (BatchNorm in train mode updates the running statistics and
-    ``num_batches_tracked``) comes back as ``new_buffers``, a new TensorDict with the keys of
-    ``buffers``. It works inside ``torch.func.grad``/``vjp``/``jvp`` and under ``vmap``, where each
+    into its buffers, in place (BatchNorm in train mode updates the running statistics and
+    ``num_batches_tracked``) or by reassignment (``self.seen = self.seen + 1``), comes back as
+    ``new_buffers``, a new TensorDict with the keys of ``buffers`` (a reassigned buffer must keep its
+    shape and dtype). A forward that sets a plain attribute (``self.last = x``) is refused with a
+    ``ValueError`` naming it, after the module's attributes are restored: state that must survive a
+    call belongs in a buffer. What cannot be seen: in-place changes inside a plain attribute's value
+    (appending to a list). It works inside ``torch.func.grad``/``vjp``/``jvp`` and under ``vmap``, where each
     task keeps its own statistics (the returned buffers are batched like the inputs). The usual
     BatchNorm modes work: batch statistics in train mode, running statistics in eval mode
     (``module.eval()``), and ``track_running_stats=False`` (no buffers). ``buffers=None`` is for a
@@ -83,9 +92,9 @@ def functional_call(
             f"params must be a TensorDict (the first output of hf.module_state), got {type(params).__name__}"
         )
     if buffers is None:
-        if any(True for _ in module.buffers()):
+        if any(True for _ in module.buffers()) or any(not p.requires_grad for p in module.parameters()):
             raise ValueError(
-                "this module has buffers (e.g. BatchNorm running statistics): pass them, "
+                "this module has buffers (e.g. BatchNorm running statistics) or frozen parameters: pass them, "
                 "params, buffers = hf.module_state(module), and carry the new buffers it returns"
             )
         bkeys: Keys = ()
@@ -98,13 +107,61 @@ def functional_call(
     pkeys = keys_of(params)
     state = {_name(k): v for k, v in zip(pkeys, leaves_of(params, pkeys))}
     state.update({_name(k): v for k, v in zip(bkeys, copies)})
-    with DecomposedBatchNorm():  # BatchNorm's double backward under vmap, on every torch (see _batch_norm)
-        out = torch.func.functional_call(module, state, args, kwargs, strict=True)
-    return out, (None if buffers is None else build(bkeys, copies))
+    attributes = _attributes(module)
+    try:
+        with DecomposedBatchNorm():  # BatchNorm's double backward under vmap, on every torch (see _batch_norm)
+            # torch writes what the forward reassigned (self.seen = self.seen + 1) back into ``state``
+            out = torch.func.functional_call(module, state, args, kwargs, strict=True)
+    finally:
+        changed = _restore(module, attributes)
+    if changed:
+        raise ValueError(
+            f"functional_call is pure, but the module's forward set the attribute(s) {changed} (restored now): "
+            "keep state that must survive a call in a buffer (self.register_buffer), which comes back in the "
+            "new buffers, or compute it without storing it on the module"
+        )
+    if buffers is None:
+        return out, None
+    return out, build(bkeys, tuple(_written(k, old, state[_name(k)]) for k, old in zip(bkeys, copies)))
 
 
 def _name(key: Any) -> str:
     return ".".join(key) if isinstance(key, tuple) else key
+
+
+def _written(key: Any, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """A buffer after the forward: ``old`` updated in place, or the value the forward reassigned."""
+    if new.shape != old.shape or new.dtype != old.dtype:
+        raise ValueError(
+            f"the module's forward reassigned buffer {_name(key)!r} from {old.dtype} of shape {tuple(old.shape)} "
+            f"to {new.dtype} of shape {tuple(new.shape)}: a carried buffer keeps its shape and dtype (use copy_ or "
+            "cast the new value)"
+        )
+    return new
+
+
+_MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(module: nn.Module) -> list:
+    """Each submodule with a shallow copy of its plain attributes (not its parameters, buffers or children)."""
+    return [(m, {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS}) for m in module.modules()]
+
+
+def _restore(module: nn.Module, attributes: list) -> list[str]:
+    """Put back every plain attribute the forward set, added or deleted; returns their names."""
+    names = {id(m): name for name, m in module.named_modules()}
+    changed = []
+    for m, before in attributes:
+        now = {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS}
+        for key in set(before) | set(now):
+            if key not in now or key not in before or now[key] is not before[key]:
+                changed.append(f"{names.get(id(m)) or 'module'}.{key}")
+                if key in before:
+                    vars(m)[key] = before[key]
+                else:
+                    del vars(m)[key]
+    return sorted(changed)
 
 
 def _writable_copies(buffers: tuple, params: TensorDictBase, args: Any, kwargs: Any) -> tuple:

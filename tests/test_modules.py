@@ -231,3 +231,99 @@ def test_buffers_are_never_differentiated():
     torch.testing.assert_close(res.grads["l2"], expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(res.buffers["ema"], ema)
     assert not res.buffers["ema"].requires_grad
+
+
+class _Counter(nn.Module):
+    """A linear layer with a frozen bias and a buffer updated by reassignment (not in place)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(2, 1).double()
+        self.lin.bias.requires_grad_(False)
+        self.register_buffer("seen", torch.zeros((), dtype=DT))
+
+    def forward(self, x):
+        self.seen = self.seen + len(x)
+        return self.lin(x)
+
+
+def test_frozen_parameters_are_carried_as_buffers_and_never_trained():
+    net = _Counter()
+    params, buffers = hf.module_state(net)
+    assert sorted(params.flatten_keys(".").keys()) == ["lin.weight"]
+    assert sorted(buffers.flatten_keys(".").keys()) == ["lin.bias", "seen"]
+
+    def loss(p, h, batch, b):
+        out, b = hf.functional_call(net, p, b, batch[0])
+        return ((out - batch[1]) ** 2).mean() + h["wd"] * (p["lin", "weight"] ** 2).sum(), b
+
+    loop = hf.InnerLoop(loss, hf.optim.sgd(lr=LR), steps=T)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, 5, 2, generator=g, dtype=DT)
+    y = torch.randn(T, 5, 1, generator=g, dtype=DT)
+    hparams = TensorDict({"wd": torch.tensor(0.1, dtype=DT)}, [])
+    res = hf.unroll(loop, loss)(hparams, params, (x, y), (x[0], y[0]), buffers=buffers)
+    reference = copy.deepcopy(net)
+    opt = torch.optim.SGD([reference.lin.weight], lr=LR)
+    for t in range(T):  # the reference: the module trained in place, its bias frozen
+        opt.zero_grad()
+        (((reference(x[t]) - y[t]) ** 2).mean() + 0.1 * (reference.lin.weight**2).sum()).backward()
+        opt.step()
+    torch.testing.assert_close(res.params["lin", "weight"], reference.lin.weight.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.buffers["lin", "bias"], net.lin.bias.detach(), rtol=0, atol=0)
+    # the buffers after the T inner steps (the outer loss's update is dropped): each forward counted its batch
+    assert res.buffers["seen"].item() == reference.seen.item() == 5 * T
+
+
+def test_a_buffer_reassigned_by_the_forward_comes_back_eagerly_and_under_vmap():
+    net = _Counter()
+    params, buffers = hf.module_state(net)
+    x = torch.ones(3, 2, dtype=DT)
+    assert hf.functional_call(net, params, buffers, x)[1]["seen"].item() == 3
+    _, batched = torch.func.vmap(lambda x: hf.functional_call(net, params, buffers, x))(torch.ones(4, 3, 2, dtype=DT))
+    assert batched["seen"].tolist() == [3.0] * 4
+    assert net.seen.item() == 0 and buffers["seen"].item() == 0
+
+
+class _Misbehaving(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.how = nn.Linear(2, 1).double(), how
+        self.register_buffer("seen", torch.zeros((), dtype=DT))
+
+    def forward(self, x):
+        if self.how == "attribute":
+            self.last = self.lin(x)
+        elif self.how == "rebind":
+            self.how = "rebind again"
+        elif self.how == "shape":
+            self.seen = torch.zeros(2, dtype=DT)
+        elif self.how == "dtype":
+            self.seen = torch.zeros((), dtype=torch.float32)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("attribute", r"set the attribute\(s\) \['module.last'\] \(restored now\).*register_buffer"),
+        ("rebind", r"set the attribute\(s\) \['module.how'\]"),
+        ("shape", r"reassigned buffer 'seen' from torch.float64 of shape \(\) to torch.float64 of shape \(2,\)"),
+        ("dtype", r"reassigned buffer 'seen' from torch.float64 .* to torch.float32"),
+    ],
+)
+def test_a_forward_with_side_effects_is_refused_and_the_module_restored(how, match):
+    net = _Misbehaving(how)
+    params, buffers = hf.module_state(net)
+    with pytest.raises(ValueError, match=match):
+        hf.functional_call(net, params, buffers, torch.ones(3, 2, dtype=DT))
+    assert not hasattr(net, "last") and net.how == how and net.seen.shape == ()
+
+
+def test_frozen_parameters_need_the_buffers_argument():
+    net = nn.Linear(2, 1)
+    net.bias.requires_grad_(False)
+    params, _ = hf.module_state(net)
+    with pytest.raises(ValueError, match="buffers .* or frozen parameters: pass them"):
+        hf.functional_call(net, params, None, torch.ones(3, 2))

@@ -32,7 +32,7 @@ import torch
 from tensordict import TensorDictBase
 
 from .._torch import tree_map
-from .._tree import Keys, Leaves, add, build, check_same_keys, check_tensordict, keys_of, leaves_of
+from .._tree import Keys, Leaves, add, build, check_tensordict, keys_of, leaves_of
 from ..loop import InnerLoop, Loss
 from ._executor import EAGER, HyperCotangent, Prepared, cotangent_pull
 from ._primitives import Statics, outer, steps_vjp
@@ -105,7 +105,9 @@ class Outcome(NamedTuple):
 class Inputs(NamedTuple):
     """A call's hyperparameters, initial params and buffers, validated, detached and flat: ``h`` the
     hyperparameter leaves (keys ``hkeys``), ``params0`` a TensorDict or a function of the hparams, ``p0``
-    the initial params (keys ``pkeys``), ``buffers`` a TensorDict or ``()`` for none."""
+    the initial params (keys ``pkeys``), ``buffers`` a TensorDict or ``()`` for none, ``init_pull`` the VJP
+    of the one evaluation of a ``params0`` function (``ct_p0 -> ct_h``; None for a TensorDict): the
+    trajectory and the initialization's term see the same evaluation, with the same random draws."""
 
     hkeys: Keys
     h: Leaves
@@ -113,17 +115,21 @@ class Inputs(NamedTuple):
     p0: TensorDictBase
     pkeys: Keys
     buffers: Any
+    init_pull: Optional[Callable[[Leaves], Leaves]] = None
 
     @classmethod
     def of(cls, hparams: Any, params0: Any, buffers: Any) -> Inputs:
         check_tensordict(hparams, "hparams")
-        hparams = hparams.detach()
+        hparams, init_pull = hparams.detach(), None
+        hkeys = keys_of(hparams)
+        if not hkeys:
+            raise ValueError("hparams is empty: give at least one hyperparameter (a TensorDict with a tensor leaf)")
+        h = leaves_of(hparams, hkeys)
         if isinstance(params0, TensorDictBase):
             check_tensordict(params0, "params0")
             params0 = p0 = params0.detach()
         elif callable(params0):
-            p0 = params0(hparams)
-            check_tensordict(p0, "params0(hparams)")
+            p0, init_pull = _evaluate_init(params0, hkeys, h)
         else:
             raise TypeError(
                 f"params0 must be a TensorDict or a function hparams -> TensorDict, got {type(params0).__name__}"
@@ -137,12 +143,23 @@ class Inputs(NamedTuple):
                 f"buffers must be None or a TensorDict (the second output of hf.module_state), "
                 f"got {type(buffers).__name__}"
             )
-        hkeys = keys_of(hparams)
-        if not hkeys:
-            raise ValueError("hparams is empty: give at least one hyperparameter (a TensorDict with a tensor leaf)")
-        h, pkeys = leaves_of(hparams, hkeys), keys_of(p0)
+        pkeys = keys_of(p0)
         check_one_device(h, "hparams", leaves_of(p0, pkeys), "params0")
-        return cls(hkeys, h, params0, p0, pkeys, buffers)
+        return cls(hkeys, h, params0, p0, pkeys, buffers, init_pull)
+
+
+def _evaluate_init(params0: Callable, hkeys: Keys, h: Leaves) -> tuple[TensorDictBase, Callable]:
+    """``params0(hparams)`` evaluated once, with its VJP kept: ``(p0, pull)``, ``pull(ct_p0) -> ct_h``."""
+    found: dict = {}
+
+    def leaves(h: Leaves) -> Leaves:
+        p0 = params0(build(hkeys, h))
+        check_tensordict(p0, "params0(hparams)")
+        found["keys"] = keys_of(p0)
+        return leaves_of(p0, found["keys"])
+
+    values, pull = torch.func.vjp(leaves, h)
+    return build(found["keys"], values), lambda ct: pull(tuple(ct))[0]
 
 
 #: ``algorithm(bound) -> Outcome``: a transform's math over the protocol.
@@ -169,6 +186,9 @@ class Bound:
     executor: Any = EAGER
     #: the prepared inner batches when the caller evaluated them (forward mode pushes ``prepare`` forward)
     prepared: Optional[Prepared] = None
+    #: the initial params' leaves and, for a learned initialization, the VJP of its one evaluation
+    p0: Leaves = ()
+    init_pull: Optional[Callable[[Leaves], Leaves]] = None
     # per problem, never passed in: a derived problem (dataclasses.replace: on, with_prepared) starts empty
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -203,6 +223,8 @@ class Bound:
             x.buffers,
             exact_init,
             executor,
+            p0=leaves_of(x.p0, x.pkeys),
+            init_pull=x.init_pull,
         )
 
     def on(self, batches: Any) -> Bound:
@@ -228,18 +250,9 @@ class Bound:
         """True when ``params0`` is a function of the hyperparameters."""
         return not isinstance(self.params0, TensorDictBase)
 
-    def init_state(self, h: Leaves) -> Leaves:
-        r"""The flat initial state :math:`s_0 = \text{opt.init}(w_0(\lambda))`."""
-        if self.learned_init:
-            p0 = self.params0(self.hparams(h))
-            check_same_keys(p0, self.pkeys, "params0(hparams)", "its first evaluation")
-        else:
-            p0 = self.params0
-        return self.loop.optimizer._init_leaves(leaves_of(p0, self.pkeys))
-
     def initial(self) -> Leaves:
-        r""":math:`s_0` at the bound hyperparameters."""
-        return self.init_state(self.h)
+        r""":math:`s_0` at the bound hyperparameters, from the call's one evaluation of ``params0``."""
+        return self.loop.optimizer._init_leaves(self.p0)
 
     @property
     def prep(self) -> Prepared:
@@ -372,8 +385,21 @@ class Bound:
         return add(cot.h, pull(cot.d)[0])
 
     def init_vjp(self, ct_s0: Leaves) -> Leaves:
-        r"""The learned-initialization term :math:`\bar s_0\, ds_0/d\lambda`."""
-        return torch.func.vjp(self.init_state, self.h)[1](ct_s0)[0]
+        r"""The learned-initialization term :math:`\bar s_0\, ds_0/d\lambda`: the optimizer's buffers start at
+        zero, so only the params' cotangent is pulled back through the call's evaluation of ``params0``."""
+        if self.init_pull is None:
+            raise RuntimeError("hyperfunc internal error: a learned initialization without its pullback")
+        return self.init_pull(ct_s0[: len(self.pkeys)])
+
+    def init_jvp(self, e: Leaves) -> Leaves:
+        r"""The tangent :math:`ds_0/d\lambda\, e` of the initial state, from the same evaluation of ``params0``
+        as :meth:`init_vjp`: the VJP's pullback is linear in its cotangent, so its own VJP is the JVP
+        (forward mode needs no second evaluation, whose random draws would differ)."""
+        if self.init_pull is None:
+            raise RuntimeError("hyperfunc internal error: a learned initialization without its pullback")
+        zeros = tuple(torch.zeros_like(p) for p in self.p0)
+        (tangent,) = torch.func.vjp(self.init_pull, zeros)[1](tuple(e))
+        return self.loop.optimizer._init_leaves(tangent)
 
     def finish(self, out: Outcome, init_rule: Optional[InitRule] = None, name: str = "this transform") -> HyperGrad:
         """The hypergradient from an algorithm's outcome: ``cot`` pulled back through ``prepare``, plus

@@ -68,11 +68,11 @@ class Tangents(NamedTuple):
         return cls(bound.with_prepared(Prepared(d, others, layout[0], None)), E, Zd)
 
     def init(self, s: Leaves, b: Any, t: int = 0) -> ForwardState:
-        r""":math:`s_0` and :math:`Z_0 = ds_0/d\lambda` (zero unless ``params0`` is learned and its exact
-        term is asked for); ``s`` is used as :math:`s_0` otherwise (the online API's current state)."""
+        r"""The state ``s`` (:math:`s_0`, or the online API's current state) with :math:`Z_0 = ds_0/d\lambda`:
+        zero unless ``params0`` is learned and its exact term is asked for."""
         bound = self.bound
         if bound.learned_init and bound.exact_init:
-            s, Z = _first(vmap(lambda e: jvp(bound.init_state, (bound.h,), (e,)))(self.E), 0)
+            Z = vmap(bound.init_jvp)(self.E)
         else:
             Z = tuple(x.new_zeros((self.E[0].shape[0], *x.shape)) for x in s)
         return ForwardState(t, s, b, Z)
