@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,3 +69,25 @@ def warn_outside(value: Any, low: float, high: float, message: str) -> None:
     """Warn (``RuntimeWarning``) when a concrete diagnostic lies outside ``[low, high]`` (NaN included)."""
     if concrete(value) and not bool(((value >= low) & (value <= high)).all()):
         warnings.warn(message.format(value=value.tolist()), RuntimeWarning, stacklevel=4)
+
+
+def positional_arity(fn: Callable) -> int:
+    """How many positional arguments ``fn`` requires (1 for a callable whose signature cannot be read)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
+def takes_at_most(fn: Callable, n: int) -> bool:
+    """True when ``fn``'s signature can be read and accepts no more than ``n`` positional arguments."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in kinds) <= n

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 from tensordict import TensorDictBase
 
+from ._checks import takes_at_most
 from ._tree import (
     Keys,
     Leaves,
@@ -44,6 +45,14 @@ def call_loss(
             f"{name} looked up a key that is missing: {err}. params has keys {_names(params)}, "
             f"hparams has keys {_names(hparams)}; make params0 and hparams hold every key the loss reads"
         ) from err
+    except TypeError as err:
+        if buffers is not None and takes_at_most(fn, 3):
+            raise TypeError(
+                f"buffers were given, so {name} is called as {name}(params, hparams, batch, buffers) and must return "
+                f"(loss, new_buffers), but it takes 3 arguments: add the buffers argument and return "
+                "hf.functional_call's new buffers, or pass no buffers"
+            ) from err
+        raise
     new = None
     if buffers is not None:
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], TensorDictBase)):

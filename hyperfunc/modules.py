@@ -107,6 +107,7 @@ def functional_call(
     pkeys = keys_of(params)
     state = {_name(k): v for k, v in zip(pkeys, leaves_of(params, pkeys))}
     state.update({_name(k): v for k, v in zip(bkeys, copies)})
+    _check_against(module, state, {_name(k) for k in bkeys})
     attributes = _attributes(module)
     try:
         with DecomposedBatchNorm():  # BatchNorm's double backward under vmap, on every torch (see _batch_norm)
@@ -123,6 +124,32 @@ def functional_call(
     if buffers is None:
         return out, None
     return out, build(bkeys, tuple(_written(k, old, state[_name(k)]) for k, old in zip(bkeys, copies)))
+
+
+def _check_against(module: nn.Module, state: dict, buffer_names: set) -> None:
+    """Every parameter and buffer of ``module`` given once, with its shape (per task under ``vmap``), and the
+    buffers on the params' device: a mismatch is named here, not in torch's ``functional_call``."""
+    expected = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"params and buffers do not match the module: missing {missing[:5]}, unexpected {extra[:5]}; take both "
+            "from hf.module_state(module) of this module (frozen parameters are in the buffers)"
+        )
+    for name, value in state.items():
+        if value.shape != expected[name].shape:
+            where = "buffers" if name in buffer_names else "params"
+            raise ValueError(
+                f"{where}[{name!r}] has shape {tuple(value.shape)} but the module's has {tuple(expected[name].shape)}"
+                "; a leading task dimension is vmapped, not passed: stack one per task and give it in_dims=0, "
+                "positionally (hg(hparams, params0, inner_batches, outer_batch, buffers))"
+            )
+    devices = {v.device for v in state.values()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"params and buffers are on several devices, {sorted(map(str, devices))}: move them to one "
+            "(e.g. buffers.to(device))"
+        )
 
 
 def _name(key: Any) -> str:

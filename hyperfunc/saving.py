@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tensordict import TensorDictBase
 
 from ._torch import keystr, tree_flatten_with_path, tree_unflatten
 
@@ -30,6 +31,7 @@ def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
         >>> hf.to_state_dict(state)
         {"['hparams']['w']": tensor([1., 1.]), "['step']": tensor(3)}
     """
+    _refuse_non_tensor_entries(tree)
     out = {}
     for path, leaf in tree_flatten_with_path(tree)[0]:
         key = keystr(path)
@@ -56,6 +58,7 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
     """
     if not isinstance(state, dict):
         raise TypeError(f"from_state_dict(state, like): state must be a dict, got {type(state).__name__}")
+    _refuse_non_tensor_entries(like)
     flat, spec = tree_flatten_with_path(like)
     keys = [keystr(path) for path, _ in flat]
     missing = [k for k, (_, leaf) in zip(keys, flat) if leaf is not None and k not in state]
@@ -63,7 +66,8 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
     if missing or extra:
         raise ValueError(
             f"from_state_dict: the saved state does not match like: missing {missing[:5]}, unexpected {extra[:5]}; "
-            "build like exactly as the saved run did (same hyperparameters, optimizer and options)"
+            "build like exactly as the saved run did (same hyperparameters, optimizer and options; an online "
+            "state after as many steps: online distill holds its distilled batch from the first step on)"
         )
     leaves: list[Any] = []
     for key, (_, leaf) in zip(keys, flat):
@@ -99,3 +103,20 @@ def _number_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, numbers.Integral):
         return torch.tensor(int(x), dtype=torch.int64)
     return torch.tensor(float(x), dtype=torch.float64)
+
+
+def _refuse_non_tensor_entries(tree: Any) -> None:
+    """A TensorDict's non-tensor entries (strings, objects: ``NonTensorData``) are no pytree leaves, so they
+    would be neither saved nor loaded: the loaded state would silently keep ``like``'s."""
+    nodes = tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, TensorDictBase))[0]
+    for path, node in nodes:
+        if not isinstance(node, TensorDictBase):
+            continue
+        for key in node.keys(include_nested=True):
+            value = node.get(key)
+            if not (torch.is_tensor(value) or isinstance(value, TensorDictBase)):
+                raise TypeError(
+                    f"the TensorDict at {keystr(path) or 'the root'} holds a non-tensor entry {key!r} "
+                    f"({type(value).__name__}), which a state dict of tensors cannot hold: keep it outside the saved "
+                    "tree (or store it as a tensor)"
+                )

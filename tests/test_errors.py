@@ -52,18 +52,6 @@ def test_params0_missing_a_key_the_loss_uses(quad):
         hf.unroll(quad.loop(), quad.outer)(h, td(v=torch.zeros(4, dtype=DT)), b, y)
 
 
-def test_learned_init_changing_keys(quad):
-    calls = []
-
-    def params0(h):
-        calls.append(1)
-        return td(w=h["lam"].sum() * torch.ones(4, dtype=DT)) if len(calls) == 1 else td(v=torch.ones(4, dtype=DT))
-
-    h, _, b, y = quad.args()
-    with pytest.raises(ValueError, match="params0\\(hparams\\) must have the same keys"):
-        hf.unroll(quad.loop(), quad.outer)(h, params0, b, y)
-
-
 def test_callable_hyperparameter_with_wrong_shape(quad):
     loop = hf.InnerLoop(quad.inner, hf.optim.sgd(lr=lambda h: h["lam"]), steps=quad.steps)
     with pytest.raises(ValueError, match="lr\\(hparams\\) returned a tensor of shape \\(3,\\)"):

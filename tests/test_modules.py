@@ -327,3 +327,47 @@ def test_frozen_parameters_need_the_buffers_argument():
     params, _ = hf.module_state(net)
     with pytest.raises(ValueError, match="buffers .* or frozen parameters: pass them"):
         hf.functional_call(net, params, None, torch.ones(3, 2))
+
+
+def _stacked(tree, n=2):
+    return tuple(torch.stack([x] * n) for x in tree)
+
+
+def _buffer_mistakes():
+    """(name, call, error, match): each mistake with buffers, as a user makes it, and the error it must get."""
+    net = conv_bn()
+    loop, outer, hparams, buffers = problem(net)
+    hg = hf.unroll(loop, outer)
+    batches, val = data()
+    other, _ = hf.module_state(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).double())
+    other_buffers = hf.module_state(nn.Sequential(nn.BatchNorm1d(2)).double())[1]
+    three = hf.InnerLoop(lambda p, h, batch: F.cross_entropy(hf.functional_call(net, p, None, batch[0])[0], batch[1]),
+                         hf.optim.sgd(lr=LR), steps=T)  # fmt: skip
+    vmapped = torch.func.vmap(hg, in_dims=(None, None, 0, 0, None))
+    stacked = torch.stack([buffers] * 2)
+    return [
+        ("another model's buffers", lambda: hg(hparams, learned_init, batches, val, other_buffers),
+         ValueError, r"do not match the module: missing \[.*running_mean.*unexpected"),
+        ("a missing key", lambda: hg(hparams, learned_init, batches, val, buffers.exclude(("1", "running_var"))),
+         ValueError, r"missing \['1.running_var'\]"),
+        ("stacked buffers, in_dims None", lambda: vmapped(hparams, learned_init, _stacked(batches), _stacked(val),
+                                                          stacked),
+         ValueError, r"buffers\['1\.\w+'\] has shape \(2,.*but the module's has .*in_dims=0"),
+        ("stacked buffers by keyword", lambda: torch.func.vmap(hg, in_dims=(None, None, 0, 0))(
+            hparams, learned_init, _stacked(batches), _stacked(val), buffers=stacked),
+         ValueError, r"has shape \(2,.*but the module's has .*positionally"),
+        ("buffers on another device", lambda: hg(hparams, learned_init, batches, val, buffers.to("meta")),
+         ValueError, r"several devices"),
+        ("a 3-argument loss with buffers", lambda: hf.unroll(three, outer)(hparams, learned_init, batches, val,
+                                                                          buffers),
+         TypeError, r"buffers were given, so inner_loss is called as inner_loss\(params, hparams, batch, buffers\)"),
+        ("another model's params", lambda: hf.functional_call(net, other, buffers, batches[0][0]),
+         ValueError, r"do not match the module"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(7), ids=lambda i: _buffer_mistakes()[i][0])
+def test_buffer_mistakes_are_named(index):
+    _, call, error, match = _buffer_mistakes()[index]
+    with pytest.raises(error, match=match):
+        call()

@@ -59,6 +59,11 @@ def test_mismatches_are_named(state, like, match):
 def test_unsupported_leaves_are_refused():
     with pytest.raises(TypeError, match="only tensors and numbers"):
         hf.to_state_dict({"f": "text"})
+    # a TensorDict's string entry is no pytree leaf: it was dropped on save and like's came back on load
+    tagged = TensorDict({"w": torch.ones(2), "meta": {"name": "run 7"}}, [])
+    for call in (lambda: hf.to_state_dict({"h": tagged}), lambda: hf.from_state_dict({}, like={"h": tagged})):
+        with pytest.raises(TypeError, match=r"at \['h'\] holds a non-tensor entry \('meta', 'name'\)"):
+            call()
     with pytest.raises(TypeError, match="state must be a dict"):
         hf.from_state_dict([torch.ones(1)], like=[torch.ones(1)])
 
@@ -84,3 +89,25 @@ def test_a_number_saved_with_another_type_is_refused(saved, like):
     key = "['x']"
     with pytest.raises(ValueError, match=r"\['x'\] is a Python .* saved as"):
         hf.from_state_dict({key: saved["x"]}, like=like)
+
+
+def test_an_online_distill_state_round_trips_into_the_state_after_one_step():
+    """online.init's state has no distilled batch yet; the state after one step on a batch of the same shape
+    has the saved structure (docs/scale.md), and the resumed run continues bit for bit."""
+    loop = hf.InnerLoop(lambda p, h, x: ((p["w"] - h["c"] * x) ** 2).sum(), hf.optim.sgd(lr=0.1), steps=5)
+    online = hf.online.distill(0.9, theta=1.0)(loop, lambda p, h, y: ((p["w"] - y) ** 2).sum())
+    hparams = TensorDict({"c": torch.tensor(0.7, dtype=torch.float64)}, [])
+    params0 = TensorDict({"w": torch.zeros(2, dtype=torch.float64)}, [])
+    xs, y = torch.randn(5, 4, 2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    state = online.init(hparams, params0)
+    for t in range(3):
+        _, state = online.step(state, hparams, xs[t], y, t)
+    saved = hf.to_state_dict(state)
+    with pytest.raises(ValueError, match="online distill holds its distilled batch"):
+        hf.from_state_dict(saved, like=online.init(hparams, params0))
+    like = online.step(online.init(hparams, params0), hparams, torch.zeros(4, 2, dtype=torch.float64), y, 0)[1]
+    resumed = hf.from_state_dict(saved, like=like)
+    for t in range(3, 5):
+        a, state = online.step(state, hparams, xs[t], y, t)
+        b, resumed = online.step(resumed, hparams, xs[t], y, t)
+        assert torch.equal(a.grads["c"], b.grads["c"])

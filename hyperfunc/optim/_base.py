@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -12,6 +11,7 @@ from typing import Any, Optional, Union
 import torch
 from tensordict import TensorDictBase
 
+from .._checks import positional_arity
 from .._torch import DataDependentError
 from .._tree import Keys, Leaves, build, check_same_keys, check_tensordict, keys_of, leaves_of
 
@@ -235,7 +235,7 @@ def check_arg(name: str, value: Any, low: float = 0.0, high: float = math.inf, c
     if isinstance(value, Scheduled):
         return value
     if callable(value):
-        arity = _positional_arity(value)
+        arity = positional_arity(value)
         if arity == 2:
             return Scheduled(value)
         if arity != 1:
@@ -257,16 +257,6 @@ def check_arg(name: str, value: Any, low: float = 0.0, high: float = math.inf, c
         )
     _check_range(name, float(value), low, high, closed_high)
     return float(value)
-
-
-def _positional_arity(fn: Callable) -> int:
-    """How many positional arguments ``fn`` requires (1 for a callable whose signature cannot be read)."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 1
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(1 for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
 def _check_range(name: str, value: float, low: float, high: float, closed_high: bool) -> None:
