@@ -81,6 +81,18 @@ def positional_arity(fn: Callable) -> int:
     return sum(1 for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
+def requires_fewer(fn: Callable, n: int) -> bool:
+    """True when ``fn``'s signature can be read, has no ``*args`` and requires fewer than ``n`` positional
+    arguments (``hf.truncate(K)``, a factory, where a transform ``(loop, outer_loss)`` is expected)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return False
+    return positional_arity(fn) < n
+
+
 def takes_at_most(fn: Callable, n: int) -> bool:
     """True when ``fn``'s signature can be read and accepts no more than ``n`` positional arguments."""
     try:

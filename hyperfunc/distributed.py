@@ -79,7 +79,9 @@ def shard(tree: Any, group: Optional[Any] = None) -> Any:
         tensor([0, 1, 2, 3])
     """
     leaves = [x for x in tree_leaves(tree) if torch.is_tensor(x)]
-    if not leaves or any(x.ndim == 0 for x in leaves):
+    if not leaves:
+        raise ValueError(f"shard(tree): tree holds no tensor ({type(tree).__name__}); pass the meta-batch to split")
+    if any(x.ndim == 0 for x in leaves):
         raise ValueError("shard(tree): every tensor in tree needs a leading task dimension")
     sizes = {x.shape[0] for x in leaves}
     if len(sizes) != 1:
@@ -134,6 +136,11 @@ def mean(result: Any, group: Optional[Any] = None) -> Any:
         raise ValueError(
             "mean(result): result.loss must have one entry per task; pass the output of "
             "torch.func.vmap(hg, ...) on this rank's tasks, not an already averaged HyperGrad"
+        )
+    if result.loss.shape[0] == 0:
+        raise ValueError(
+            "mean(result): result has no tasks; every rank needs at least one (a meta-batch of at least world_size "
+            "tasks, split by hf.distributed.shard)"
         )
     leaves = tree_leaves((result.grads, result.loss))
     spec = tree_structure((result.grads[0], result.loss[0]))  # one task's structure (batch_size [])

@@ -91,6 +91,12 @@ def test_mean_is_the_task_mean_and_keeps_per_task_fields():
     [
         (lambda: distributed.shard_range(0), ValueError, "n_tasks must be"),
         (lambda: distributed.shard(torch.tensor(1.0)), ValueError, "leading task dimension"),
+        (lambda: distributed.shard(TensorDict({}, [4])), ValueError, r"tree holds no tensor \(TensorDict\)"),
+        (
+            lambda: distributed.mean(hf.HyperGrad(TensorDict({"a": torch.zeros(0)}, [0]), torch.zeros(0), None)),
+            ValueError,
+            "result has no tasks; every rank needs at least one",
+        ),
         (lambda: distributed.shard((torch.zeros(3), torch.zeros(4))), ValueError, "disagree on the number of tasks"),
         (lambda: distributed.rank_seed(-1), ValueError, "seed"),
         (lambda: distributed.broadcast({"x": torch.zeros(1)}, src=1), ValueError, "src must be a rank"),

@@ -67,7 +67,32 @@ BAD = [
         "loss ignores the buffers contract",
         lambda: hf.unroll(Q.loop(), Q.outer)(*Q.args(), buffers=td(a=torch.zeros(1, dtype=DT))),
         TypeError,
-        None,
+        r"buffers were given, so inner_loss is called as inner_loss\(params, hparams, batch, buffers\)",
+    ),
+    ("empty params0", lambda: _call(args=_with(p0=TensorDict({}, []))), ValueError, "params0 is empty"),
+    (
+        "zero-element hyperparameter, forward",
+        lambda: _call(hf.forward, args=_with(h=td(lam=torch.ones(3, dtype=DT), z=torch.zeros(0, dtype=DT)))),
+        ValueError,
+        r"hparams\['z'\] has no elements \(shape \(0,\)\)",
+    ),
+    (
+        "params0 reads a missing key",
+        lambda: _call(args=_with(p0=lambda h: td(w=h["init"]))),
+        ValueError,
+        r"params0\(hparams\) read a key that hparams lacks: .*init.*hparams has keys \['lam'\]",
+    ),
+    (
+        "a transform factory given to fomaml",
+        lambda: hf.fomaml(hf.truncate),
+        TypeError,
+        r"fomaml takes a transform, .* truncate takes its options: .* hf.fomaml\(hf.truncate\(...\)\)",
+    ),
+    (
+        "a transform factory given to reptile",
+        lambda: hf.reptile(hf.distill),
+        TypeError,
+        r"hf.reptile\(hf.distill\(...\)\)",
     ),
 ]
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_int
+from .._tree import tensor_leaves
 from ..transforms.base import HyperGradFunction
 from ._executor import Compiled
 from ._kernels import Segments, compiler
@@ -40,17 +41,68 @@ class Vmapped:
     randomness: str = "error"
 
     def __call__(self, *args, **kwargs):
-        if (
-            isinstance(self.fn, HyperGradFunction)
-            and isinstance(self.fn.executor, Compiled)
-            and not kwargs
-            and self.chunk_size is None
-        ):
-            result = self.fn.executor.over_tasks(self.fn, self.in_dims, args)  # the traced call, no vmap
+        in_dims = self.in_dims
+        if isinstance(self.fn, HyperGradFunction):
+            args, in_dims = _positional(args, kwargs, in_dims)
+            kwargs = {}
+            _check_task_counts(args, in_dims)
+        compiled = isinstance(self.fn, HyperGradFunction) and isinstance(self.fn.executor, Compiled)
+        if compiled and self.chunk_size is None:
+            result = self.fn.executor.over_tasks(self.fn, in_dims, args)  # the traced call, no vmap
             if result is not None:
                 return result
-        vmapped = torch.func.vmap(self.fn, in_dims=self.in_dims, chunk_size=self.chunk_size, randomness=self.randomness)
+        vmapped = torch.func.vmap(self.fn, in_dims=in_dims, chunk_size=self.chunk_size, randomness=self.randomness)
         return vmapped(*args, **kwargs)
+
+
+_HG_ARGUMENTS = ("hparams", "params0", "inner_batches", "outer_batch", "buffers")
+
+
+def _positional(args: tuple, kwargs: dict, in_dims: Any) -> tuple[tuple, tuple]:
+    """``hg``'s arguments all positional and ``in_dims`` one entry per argument. An ``in_dims`` entry belongs
+    to the argument at its position in ``hg(hparams, params0, inner_batches, outer_batch, buffers)``, passed
+    by position or by keyword; an argument beyond ``in_dims`` is shared (``None``)."""
+    n = len(_HG_ARGUMENTS)
+    unknown = sorted(set(kwargs) - set(_HG_ARGUMENTS))
+    if unknown or len(args) > n:
+        raise TypeError(f"hg{_HG_ARGUMENTS} got unexpected arguments: {unknown or f'{len(args)} positional'}")
+    dims = tuple(in_dims) if isinstance(in_dims, (tuple, list)) else (in_dims,) * (len(args) + len(kwargs))
+    if len(dims) < len(args) or len(dims) > n:
+        raise ValueError(
+            f"in_dims has {len(dims)} entries for {len(args)} positional arguments; give one per argument of "
+            f"hg{_HG_ARGUMENTS} in order, up to the last one passed positionally (None for what the tasks share)"
+        )
+    missing = object()
+    values = list(args) + [missing] * (n - len(args))
+    for name, value in kwargs.items():
+        index = _HG_ARGUMENTS.index(name)
+        if values[index] is not missing:
+            raise TypeError(f"hg got {name} both by position and by keyword")
+        values[index] = value
+    while values and values[-1] is missing:
+        values.pop()
+    absent = [name for name, value in zip(_HG_ARGUMENTS, values) if value is missing]
+    if absent:
+        raise TypeError(f"hg{_HG_ARGUMENTS} is missing {absent}")
+    dims = dims + (None,) * (len(values) - len(dims))
+    return tuple(values), dims[: len(values)]
+
+
+def _check_task_counts(args: tuple, in_dims: tuple) -> None:
+    """Every mapped argument has the same number of tasks along its ``in_dims`` entry, named if not."""
+    counts = {}
+    for name, value, dim in zip(_HG_ARGUMENTS, args, in_dims):
+        if dim is None or callable(value) and not torch.is_tensor(value):
+            continue
+        sizes = {x.shape[dim] for x in tensor_leaves(value) if x.dim() > dim}
+        if sizes:
+            counts[name] = sorted(sizes)
+    if len({size for sizes in counts.values() for size in sizes}) > 1:
+        found = ", ".join(f"{name} {sizes}" for name, sizes in counts.items())
+        raise ValueError(
+            f"the mapped arguments disagree on the number of tasks: {found} (along in_dims); give every argument "
+            "with an in_dims entry one entry per task"
+        )
 
 
 _RANDOMNESS = ("error", "different", "same")
@@ -62,10 +114,12 @@ def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None, randomness
 
     .. math:: \text{vmap}(hg)(\lambda, \{w_0^i\}, \{D^i\}, \{V^i\})_i = hg(\lambda, w_0^i, D^i, V^i)
 
-    ``in_dims`` has one entry per positional argument of ``hg(hparams, params0, inner_batches,
-    outer_batch, buffers)``: ``None`` for what the tasks share (``hparams``; ``params0`` when it is a
+    ``in_dims`` has one entry per argument of ``hg(hparams, params0, inner_batches, outer_batch,
+    buffers)``, in that order: ``None`` for what the tasks share (``hparams``; ``params0`` when it is a
     function of ``hparams``, MAML), ``0`` for what each task has its own of (data, per-task buffers).
-    Keyword arguments are not mapped: pass per-task ``buffers`` positionally. A model with dropout
+    An entry belongs to its argument whether that is passed by position or by keyword (here hf.vmap
+    differs from ``torch.func.vmap``, which maps no keyword argument); an argument beyond ``in_dims``
+    is shared. The mapped arguments must agree on the number of tasks (a ``ValueError`` names them). A model with dropout
     needs ``randomness="different"`` (a mask per task, as a loop over tasks draws) or ``"same"``;
     :func:`compile` refuses both (each segment's VJP recomputes its forward and would draw other masks).
 

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from tensordict import TensorDictBase
 
+from .._checks import requires_fewer
 from .._torch import tree_map
 from .._tree import Keys, Leaves, add, build, check_tensordict, keys_of, leaves_of
 from ..loop import InnerLoop, Loss
@@ -144,6 +145,14 @@ class Inputs(NamedTuple):
                 f"got {type(buffers).__name__}"
             )
         pkeys = keys_of(p0)
+        if not pkeys:
+            raise ValueError("params0 is empty: give the initial params, a TensorDict with at least one tensor leaf")
+        for key, x in zip(hkeys, h):
+            if x.numel() == 0:
+                raise ValueError(
+                    f"hparams[{'.'.join(key) if isinstance(key, tuple) else key!r}] has no elements (shape "
+                    f"{tuple(x.shape)}): a hyperparameter must hold at least one value; drop the entry"
+                )
         check_one_device(h, "hparams", leaves_of(p0, pkeys), "params0")
         return cls(hkeys, h, params0, p0, pkeys, buffers, init_pull)
 
@@ -153,7 +162,13 @@ def _evaluate_init(params0: Callable, hkeys: Keys, h: Leaves) -> tuple[TensorDic
     found: dict = {}
 
     def leaves(h: Leaves) -> Leaves:
-        p0 = params0(build(hkeys, h))
+        try:
+            p0 = params0(build(hkeys, h))
+        except KeyError as err:
+            names = [".".join(k) if isinstance(k, tuple) else k for k in hkeys]
+            raise ValueError(
+                f"params0(hparams) read a key that hparams lacks: {err}; hparams has keys {names}"
+            ) from err
         check_tensordict(p0, "params0(hparams)")
         found["keys"] = keys_of(p0)
         return leaves_of(p0, found["keys"])
@@ -509,6 +524,12 @@ Transform = Callable[[InnerLoop, Loss], HyperGradFunction]
 def _with_init_rule(transform: Transform, rule: InitRule, wrapper: str) -> Transform:
     if not callable(transform):
         raise TypeError(f"{wrapper} takes a transform (e.g. hf.first_order or hf.truncate(5)), got {transform!r}")
+    if requires_fewer(transform, 2):  # hf.truncate, hf.distill, ...: a factory of transforms
+        name = getattr(transform, "__name__", "it")
+        raise TypeError(
+            f"{wrapper} takes a transform, transform(loop, outer_loss), but {name} takes its options: it makes "
+            f"transforms, so give it its argument first, e.g. hf.{wrapper}(hf.{name}(...))"
+        )
 
     def wrapped(loop: InnerLoop, outer_loss: Loss) -> HyperGradFunction:
         hg = transform(loop, outer_loss)

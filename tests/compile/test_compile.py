@@ -27,6 +27,36 @@ def test_vmap_equals_torch_func_vmap():
         tree_close(hf.vmap(hg, in_dims=IN_DIMS, chunk_size=chunk)(*args).grads, ref.grads, rtol=0, atol=0)
 
 
+def test_keyword_calls_map_by_position_in_hgs_signature_compiled_or_not():
+    """fast(hparams=..., ...) gave torch's "got no inputs" before: in_dims entries name hg's arguments in order."""
+    prob = anil(T)
+    hg = hf.truncate(2)(prob.loop, prob.outer_loss)
+    h, params0, batches, val = sinusoid_args(prob, 0)
+    ref = torch.func.vmap(hg, in_dims=IN_DIMS)(h, params0, batches, val)
+    for fn in (hf.vmap(hg, in_dims=IN_DIMS), hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend="eager")):
+        out = fn(hparams=h, params0=params0, inner_batches=batches, outer_batch=val)
+        tree_close(out.grads, ref.grads, rtol=1e-12, atol=1e-14)
+        tree_close(fn(h, params0, outer_batch=val, inner_batches=batches).grads, ref.grads, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda fn, a: fn(a[0], a[1], a[2], tuple(x[:-1] for x in a[3])), ValueError,
+         r"disagree on the number of tasks: inner_batches \[\d+\], outer_batch \[\d+\]"),
+        (lambda fn, a: fn(a[0], a[1], a[2]), TypeError, "missing 1 required positional argument: 'outer_batch'"),
+        (lambda fn, a: fn(a[0], a[1], outer_batch=a[3]), TypeError, r"is missing \['inner_batches'\]"),
+        (lambda fn, a: fn(*a, hparams=a[0]), TypeError, "unexpected arguments|both by position and by keyword"),
+        (lambda fn, a: fn(a[0], a[1], a[2], a[3], inputs=1), TypeError, r"unexpected arguments: \['inputs'\]"),
+    ],
+)  # fmt: skip
+def test_mismatched_calls_are_named(call, error, match):
+    prob = anil(T)
+    fn = hf.vmap(hf.truncate(2)(prob.loop, prob.outer_loss), in_dims=IN_DIMS)
+    with pytest.raises(error, match=match):
+        call(fn, sinusoid_args(prob, 0))
+
+
 def test_nested_vmap_takes_the_general_path():
     """Inside a second vmap (over two hyperparameter settings) the kernels' inputs are batched at two
     levels: the direct unwrap declines and autograd.Function's vmap rule runs them; same answer."""
