@@ -119,8 +119,8 @@ def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None, randomness
     function of ``hparams``, MAML), ``0`` for what each task has its own of (data, per-task buffers).
     An entry belongs to its argument whether that is passed by position or by keyword (here hf.vmap
     differs from ``torch.func.vmap``, which maps no keyword argument); an argument beyond ``in_dims``
-    is shared. The mapped arguments must agree on the number of tasks (a ``ValueError`` names them). A model with dropout
-    needs ``randomness="different"`` (a mask per task, as a loop over tasks draws) or ``"same"``;
+    is shared. The mapped arguments must agree on the number of tasks (a ``ValueError`` names them).
+    A model with dropout needs ``randomness="different"`` (a mask per task, as a loop over tasks draws) or ``"same"``;
     :func:`compile` refuses both (each segment's VJP recomputes its forward and would draw other masks).
 
     Examples:
