@@ -10,7 +10,11 @@ steps on mini-batches of 32. The schedule has one learnable log-learning-rate pe
 
 and TorchOpt's Adam updates it to minimize the cross-entropy on 300 validation images after the T
 steps. Every hyper-iteration draws fresh mini-batches. Each method starts from the constant
-schedule lr = 0.1 and gets the same number of hyper-iterations:
+schedule lr = 0.1 and gets the same number of hyper-iterations. Two guards, as any long-horizon
+schedule learner needs (exact hypergradients through 1000 steps explode once the rates approach
+the stability edge, and the first run of this script diverged to NaN after about 40
+hyper-iterations): the rates are projected onto lr <= ``--lr-max`` (2) after every Adam step, and
+a hyper-iteration whose hypergradient is not finite is skipped (counted in the table).
 
 - ``unroll(checkpoint_every=50)`` and ``forward``: the exact hypergradient (reverse mode with 20
   stored states; forward mode with one tangent per block);
@@ -28,7 +32,7 @@ validation loss. The learned schedules are then evaluated by training on fresh m
 over all of them. "cos to exact" is the cosine between a method's first hypergradient and the exact
 one on the same draw.
 
-    python examples/lr_schedule.py            # 3 meta-training runs of 100 hyper-iterations per method
+    python examples/lr_schedule.py            # 3 meta-training runs of 60 hyper-iterations per method
     python examples/lr_schedule.py --quick    # seconds (tests)
 """
 
@@ -100,14 +104,25 @@ def offline_methods(loop: hf.InnerLoop, block: int, gamma: float) -> dict:
     }
 
 
-def online_run(online, meta, meta_state, hparams, params0, batches, val, steps: int):
+def meta_step(meta, meta_state, hparams, grads, lr_max: float):
+    """``(hparams, meta_state, skipped)``: one Adam step on the log-learning-rates, projected onto
+    lr <= lr_max. A non-finite hypergradient (the inner run diverged) is skipped, not applied: one NaN
+    in Adam's moments would end meta-training."""
+    if not all(torch.isfinite(g).all() for g in grads.values(True, True)):
+        return hparams, meta_state, 1
+    updates, meta_state = meta.update(grads, meta_state, params=hparams)
+    hparams = torchopt.apply_updates(hparams, updates, inplace=False)
+    return hparams.apply(lambda x: x.clamp(max=math.log(lr_max))), meta_state, 0
+
+
+def online_run(online, meta, meta_state, hparams, params0, batches, val, steps: int, lr_max: float):
     """One training run of ``steps`` inner steps with the schedule updated after each of them."""
-    state = online.init(hparams, params0)
+    state, skipped = online.init(hparams, params0), 0
     for t in range(steps):
         res, state = online.step(state, hparams, (batches[0][t], batches[1][t]), val, t)
-        updates, meta_state = meta.update(res.grads, meta_state, params=hparams)
-        hparams = torchopt.apply_updates(hparams, updates, inplace=False)
-    return hparams, meta_state, res
+        hparams, meta_state, skip = meta_step(meta, meta_state, hparams, res.grads, lr_max)
+        skipped += skip
+    return hparams, meta_state, res, skipped
 
 
 def evaluate(loop, hparams, params0, train, val, test, draws: int, batch: int, generator) -> list[tuple]:
@@ -129,9 +144,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1000, help="T, inner SGD steps")
     parser.add_argument("--block", type=int, default=50, help="steps per learnable learning rate")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--hyperiters", type=int, default=100)
+    parser.add_argument("--hyperiters", type=int, default=60)
     parser.add_argument("--lr0", type=float, default=0.1, help="the starting (constant) schedule")
     parser.add_argument("--meta-lr", type=float, default=0.1, help="TorchOpt Adam on the log-learning-rates")
+    parser.add_argument("--lr-max", type=float, default=2.0, help="learned rates are projected onto lr <= lr-max")
     parser.add_argument("--gamma", type=float, default=0.99)
     parser.add_argument("--runs", type=int, default=3, help="meta-training runs (seeds 0..runs-1)")
     parser.add_argument("--eval-runs", type=int, default=5, help="fresh training runs per learned schedule")
@@ -154,6 +170,7 @@ def main(argv=None):
     curves = {name: [] for name in names}
     evals = {name: [] for name in ["constant lr0", "constant best", *names]}
     cosines = {name: [] for name in names}
+    skipped = dict.fromkeys(names, 0)
     best = []
     for run in range(args.runs):
         generator = torch.Generator().manual_seed(run)
@@ -182,13 +199,13 @@ def main(argv=None):
             meta_state, curve = meta.init(hparams), []
             for _ in tqdm(range(args.hyperiters), desc=f"run {run}: {name}", leave=False):
                 if name == "online one_step":
-                    hparams, meta_state, res = online_run(
-                        online, meta, meta_state, hparams, params0, draw(), val, args.steps
+                    hparams, meta_state, res, skip = online_run(
+                        online, meta, meta_state, hparams, params0, draw(), val, args.steps, args.lr_max
                     )
                 else:
                     res = methods[name](hparams, params0, draw(), val)
-                    updates, meta_state = meta.update(res.grads, meta_state, params=hparams)
-                    hparams = torchopt.apply_updates(hparams, updates, inplace=False)
+                    hparams, meta_state, skip = meta_step(meta, meta_state, hparams, res.grads, args.lr_max)
+                skipped[name] += skip
                 curve.append(res.loss.item())
             curves[name].append(curve)
             learned[name].append(lrs_per_step(hparams, args.block))
@@ -211,6 +228,7 @@ def main(argv=None):
                 "test acc. (%)": fmt_ci(accuracies, 2),
                 "lr at first / middle / last step": shape,
                 "cos to exact": fmt_ci(cosines[name], 2) if name in cosines else "",
+                "skipped (non-finite)": skipped.get(name, ""),
             }
         )
     title = (
