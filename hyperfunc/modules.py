@@ -113,6 +113,14 @@ def functional_call(
         with DecomposedBatchNorm():  # BatchNorm's double backward under vmap, on every torch (see _batch_norm)
             # torch writes what the forward reassigned (self.seen = self.seen + 1) back into ``state``
             out = torch.func.functional_call(module, state, args, kwargs, strict=True)
+    except RuntimeError as err:
+        cumulative = [name for name, m in module.named_modules() if _cumulative_batch_norm(m)]
+        if cumulative and "vmap" in str(err):
+            raise ValueError(
+                f"BatchNorm with momentum=None (a cumulative average) in {cumulative} reads num_batches_tracked as a "
+                "Python number, which per-task buffers under vmap cannot give: set momentum to a number (e.g. 0.1)"
+            ) from err
+        raise
     finally:
         changed = _restore(module, attributes)
     if changed:
@@ -150,6 +158,13 @@ def _check_against(module: nn.Module, state: dict, buffer_names: set) -> None:
             f"params and buffers are on several devices, {sorted(map(str, devices))}: move them to one "
             "(e.g. buffers.to(device))"
         )
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _cumulative_batch_norm(m: nn.Module) -> bool:
+    return isinstance(m, _BATCH_NORMS) and m.momentum is None and m.training and m.track_running_stats
 
 
 def _name(key: Any) -> str:

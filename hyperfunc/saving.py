@@ -76,6 +76,11 @@ def from_state_dict(state: dict[str, torch.Tensor], like: Any) -> Any:
             continue
         saved = state[key]
         if torch.is_tensor(leaf):
+            if not torch.is_tensor(saved):
+                raise ValueError(
+                    f"from_state_dict: {key} holds a {type(saved).__name__}, not a tensor: the state was not made by "
+                    "to_state_dict, or was edited"
+                )
             if saved.shape != leaf.shape or saved.dtype != leaf.dtype:
                 raise ValueError(
                     f"from_state_dict: {key} was saved as {saved.dtype} {tuple(saved.shape)} but like has "

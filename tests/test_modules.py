@@ -371,3 +371,14 @@ def test_buffer_mistakes_are_named(index):
     _, call, error, match = _buffer_mistakes()[index]
     with pytest.raises(error, match=match):
         call()
+
+
+def test_cumulative_batch_norm_under_vmap_is_named():
+    """BatchNorm(momentum=None) calls float(num_batches_tracked): per-task buffers under vmap cannot give one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, momentum=None)).double()
+    params, buffers = hf.module_state(net)
+    x = torch.randn(2, 5, 2, dtype=DT)
+    hf.functional_call(net, params, buffers, x[0])  # one task, eagerly: torch's own path
+    with pytest.raises(ValueError, match=r"momentum=None .* in \['1'\] .* set momentum to a number"):
+        torch.func.vmap(lambda x, b: hf.functional_call(net, params, b, x))(x, torch.stack([buffers] * 2))

@@ -49,6 +49,7 @@ def test_to_state_dict_copies_and_does_not_alias():
         ({"['w']": torch.ones(2), "['x']": torch.ones(1)}, {"w": torch.ones(2)}, "unexpected"),
         ({"['w']": torch.ones(3)}, {"w": torch.ones(2)}, r"saved as torch.float32 \(3,\)"),
         ({"['w']": torch.ones(2, dtype=torch.float64)}, {"w": torch.ones(2)}, "torch.float64"),
+        ({"['w']": [1.0, 1.0]}, {"w": torch.ones(2)}, r"\['w'\] holds a list, not a tensor"),
     ],
 )
 def test_mismatches_are_named(state, like, match):
