@@ -8,8 +8,10 @@ outer loss closes over a Python float (a label-smoothing factor) that changes ev
 ``--closure-every`` iterations. Measured:
 
 - resident memory (RSS) every 50 iterations: after the warm-up it must stay flat;
-- every ``--check-every`` (100) iterations, the compiled call against the eager ``hf.vmap`` call on the same inputs
-  (largest relative difference of the meta-gradient);
+- every ``--check-every`` (100) iterations, the compiled call against the eager ``hf.vmap`` call on the same inputs:
+  the relative L2 difference of the meta-gradient over all leaves (per leaf it is meaningless here: the
+  convolutions' biases feed BatchNorm, which cancels them, so their exact gradient is 0 and both routes
+  return float32 rounding);
 - compilations after the warm-up: dynamo's frame count (one per kernel), and hf.compile's closure
   guard, which compiles again (with a ``RuntimeWarning``) when a closed-over value changed and
   never otherwise.
@@ -106,11 +108,9 @@ def main() -> None:
         if it % args.check_every == 0:
             reference = eager(*call).grads.mean(0)
             got = res.grads.mean(0)
-            rel = max(
-                ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                for a, b in zip(got.values(True, True), reference.values(True, True))
-            )
-            checks.append((it, rel, smoothing))
+            diff = torch.cat([(a - b).flatten() for a, b in zip(got.values(True, True), reference.values(True, True))])
+            ref = torch.cat([b.flatten() for b in reference.values(True, True)])
+            checks.append((it, (diff.norm() / ref.norm()).item(), smoothing, rss_mib()))
         updates, state = meta_opt.update(res.grads.mean(0), state, params=hparams)
         hparams = torchopt.apply_updates(hparams, updates, inplace=False)
         if it == min(100, args.iterations):
@@ -130,7 +130,7 @@ def main() -> None:
             "closure changes": changes,
             "guard warnings": guard_warnings,
             "kernels compiled at warm-up / at end": f"{frames_at_warmup} / {counter.frame_count}",
-            "largest rel. difference to eager": f"{max(r for _, r, _ in checks):.1e}",
+            "largest ‖compiled − eager‖ / ‖eager‖": f"{max(r for _, r, _, _ in checks):.1e}",
         }
     ]
     print(
@@ -138,9 +138,12 @@ def main() -> None:
         f"{args.threads} threads; a closed-over float changes every {args.closure_every} iterations\n"
     )
     print(markdown(rows, list(rows[0])))
-    print("\nchecks against eager (iteration, largest relative difference, closed-over value):")
-    checked = [{"iteration": i, "rel. difference": f"{r:.1e}", "smoothing": s} for i, r, s in checks]
-    print(markdown(checked, ["iteration", "rel. difference", "smoothing"]))
+    print("\nchecks against eager: the meta-gradient's relative L2 difference, the closed-over value, RSS")
+    checked = [
+        {"iteration": i, "‖compiled − eager‖ / ‖eager‖": f"{r:.1e}", "smoothing": f"{s:.2f}", "RSS (MiB)": f"{m:.0f}"}
+        for i, r, s, m in checks
+    ]
+    print(markdown(checked, list(checked[0])))
 
 
 if __name__ == "__main__":
