@@ -73,7 +73,9 @@ def functional_call(
 
     Cost: the module's forward, with batch normalization as elementary operations and every torch
     function call passing the mode's Python hook (a small Conv-BN forward: 557 µs against 413 µs with
-    torch's kernel, docs/modules.md), plus one copy of each buffer.
+    torch's kernel, docs/modules.md), plus one copy of each buffer, plus the checks against the module
+    (names, shapes, device) and the snapshot of its attributes: about 60 µs on a 9-module Conv-BN net
+    (a forward of 1.1 ms on 1 thread, +9%).
 
     Examples:
         >>> import torch, hyperfunc as hf
@@ -183,27 +185,33 @@ def _written(key: Any, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
+_MISSING = object()
 
 
 def _attributes(module: nn.Module) -> list:
-    """Each submodule with a shallow copy of its plain attributes (not its parameters, buffers or children)."""
-    return [(m, {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS}) for m in module.modules()]
+    """Each submodule with a shallow copy of its attributes (``vars``: one C-level dict copy per module)."""
+    return [(m, dict(vars(m))) for m in module.modules()]
 
 
 def _restore(module: nn.Module, attributes: list) -> list[str]:
-    """Put back every plain attribute the forward set, added or deleted; returns their names."""
-    names = {id(m): name for name, m in module.named_modules()}
+    """Put back every plain attribute the forward set, added or deleted; returns their names (parameters,
+    buffers and children are ``functional_call``'s to restore)."""
     changed = []
     for m, before in attributes:
-        now = {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS}
-        for key in set(before) | set(now):
-            if key not in now or key not in before or now[key] is not before[key]:
-                changed.append(f"{names.get(id(m)) or 'module'}.{key}")
+        now = vars(m)
+        if len(now) == len(before) and all(now.get(k, _MISSING) is v for k, v in before.items()):
+            continue  # the common case: nothing set
+        for key in (set(before) | set(now)) - set(_MODULE_SLOTS):
+            if now.get(key, _MISSING) is not before.get(key, _MISSING):
+                changed.append((m, key))
                 if key in before:
-                    vars(m)[key] = before[key]
+                    now[key] = before[key]
                 else:
-                    del vars(m)[key]
-    return sorted(changed)
+                    del now[key]
+    if not changed:
+        return []
+    names = {id(m): name for name, m in module.named_modules()}
+    return sorted(f"{names.get(id(m)) or 'module'}.{key}" for m, key in changed)
 
 
 def _writable_copies(buffers: tuple, params: TensorDictBase, args: Any, kwargs: Any) -> tuple:
