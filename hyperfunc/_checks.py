@@ -7,7 +7,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -71,35 +71,41 @@ def warn_outside(value: Any, low: float, high: float, message: str) -> None:
         warnings.warn(message.format(value=value.tolist()), RuntimeWarning, stacklevel=4)
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _parameters(fn: Callable) -> Optional[list]:
+    """``fn``'s parameters, or None when its signature cannot be read."""
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def positional_arity(fn: Callable) -> int:
     """How many positional arguments ``fn`` requires (1 for a callable whose signature cannot be read)."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
+    parameters = _parameters(fn)
+    if parameters is None:
         return 1
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(1 for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty)
+    return sum(1 for p in parameters if p.kind in _POSITIONAL and p.default is inspect.Parameter.empty)
+
+
+def _fixed_positionals(fn: Callable) -> Optional[list]:
+    """``fn``'s positional parameters when its signature can be read and has no ``*args``, else None."""
+    parameters = _parameters(fn)
+    if parameters is None or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    return [p for p in parameters if p.kind in _POSITIONAL]
 
 
 def requires_fewer(fn: Callable, n: int) -> bool:
     """True when ``fn``'s signature can be read, has no ``*args`` and requires fewer than ``n`` positional
     arguments (``hf.truncate(K)``, a factory, where a transform ``(loop, outer_loss)`` is expected)."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return False
-    return positional_arity(fn) < n
+    positionals = _fixed_positionals(fn)
+    return positionals is not None and sum(p.default is inspect.Parameter.empty for p in positionals) < n
 
 
 def takes_at_most(fn: Callable, n: int) -> bool:
     """True when ``fn``'s signature can be read and accepts no more than ``n`` positional arguments."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return False
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(1 for p in parameters if p.kind in kinds) <= n
+    positionals = _fixed_positionals(fn)
+    return positionals is not None and len(positionals) <= n

@@ -41,10 +41,11 @@ def check_tensordict(value: Any, name: str) -> None:
 
 def keys_of(td: TensorDictBase) -> Keys:
     """Leaf keys of ``td`` (nested keys as tuples) in a canonical, sorted order."""
-    return tuple(sorted(td.keys(include_nested=True, leaves_only=True), key=_key_str))
+    return tuple(sorted(td.keys(include_nested=True, leaves_only=True), key=key_name))
 
 
-def _key_str(key: Any) -> str:
+def key_name(key: Any) -> str:
+    """A (nested) TensorDict key as messages write it: ``("1", "weight")`` -> ``"1.weight"``."""
     return ".".join(key) if isinstance(key, tuple) else str(key)
 
 
@@ -62,8 +63,8 @@ def check_same_keys(td: TensorDictBase, keys: Keys, name: str, reference: str) -
     """Raise ``ValueError`` unless ``td`` has exactly ``keys`` with the given names."""
     got = keys_of(td)
     if got != keys:
-        missing = sorted(map(_key_str, set(keys) - set(got)))
-        extra = sorted(map(_key_str, set(got) - set(keys)))
+        missing = sorted(map(key_name, set(keys) - set(got)))
+        extra = sorted(map(key_name, set(got) - set(keys)))
         raise ValueError(f"{name} must have the same keys as {reference}; missing {missing}, unexpected {extra}")
 
 

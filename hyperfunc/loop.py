@@ -17,6 +17,7 @@ from ._tree import (
     build,
     check_same_keys,
     check_tensordict,
+    key_name,
     keys_of,
     leaves_of,
     tensor_leaves,
@@ -77,7 +78,7 @@ def module_buffers(b: Any) -> Optional[TensorDictBase]:
 
 
 def _names(td: TensorDictBase) -> list[str]:
-    return [".".join(k) if isinstance(k, tuple) else k for k in keys_of(td)]
+    return [key_name(k) for k in keys_of(td)]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from ._batch_norm import DecomposedBatchNorm
-from ._tree import Keys, Leaves, build, keys_of, leaves_of, tensor_leaves
+from ._tree import Keys, Leaves, build, key_name, keys_of, leaves_of, tensor_leaves
 
 
 def _nested(named: Any) -> TensorDict:
@@ -107,9 +107,9 @@ def functional_call(
     else:
         raise TypeError(f"buffers must be None or a TensorDict from hf.module_state, got {type(buffers).__name__}")
     pkeys = keys_of(params)
-    state = {_name(k): v for k, v in zip(pkeys, leaves_of(params, pkeys))}
-    state.update({_name(k): v for k, v in zip(bkeys, copies)})
-    _check_against(module, state, {_name(k) for k in bkeys})
+    state = {key_name(k): v for k, v in zip(pkeys, leaves_of(params, pkeys))}
+    state.update({key_name(k): v for k, v in zip(bkeys, copies)})
+    _check_against(module, state, {key_name(k) for k in bkeys})
     attributes = _attributes(module)
     try:
         with DecomposedBatchNorm():  # BatchNorm's double backward under vmap, on every torch (see _batch_norm)
@@ -133,7 +133,7 @@ def functional_call(
         )
     if buffers is None:
         return out, None
-    return out, build(bkeys, tuple(_written(k, old, state[_name(k)]) for k, old in zip(bkeys, copies)))
+    return out, build(bkeys, tuple(_written(k, old, state[key_name(k)]) for k, old in zip(bkeys, copies)))
 
 
 def _check_against(module: nn.Module, state: dict, buffer_names: set) -> None:
@@ -169,15 +169,11 @@ def _cumulative_batch_norm(m: nn.Module) -> bool:
     return isinstance(m, _BATCH_NORMS) and m.momentum is None and m.training and m.track_running_stats
 
 
-def _name(key: Any) -> str:
-    return ".".join(key) if isinstance(key, tuple) else key
-
-
 def _written(key: Any, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """A buffer after the forward: ``old`` updated in place, or the value the forward reassigned."""
     if new.shape != old.shape or new.dtype != old.dtype:
         raise ValueError(
-            f"the module's forward reassigned buffer {_name(key)!r} from {old.dtype} of shape {tuple(old.shape)} "
+            f"the module's forward reassigned buffer {key_name(key)!r} from {old.dtype} of shape {tuple(old.shape)} "
             f"to {new.dtype} of shape {tuple(new.shape)}: a carried buffer keeps its shape and dtype (use copy_ or "
             "cast the new value)"
         )

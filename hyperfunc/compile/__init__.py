@@ -41,13 +41,12 @@ class Vmapped:
     randomness: str = "error"
 
     def __call__(self, *args, **kwargs):
-        in_dims = self.in_dims
-        if isinstance(self.fn, HyperGradFunction):
+        in_dims, is_hg = self.in_dims, isinstance(self.fn, HyperGradFunction)
+        if is_hg:
             args, in_dims = _positional(args, kwargs, in_dims)
             kwargs = {}
             _check_task_counts(args, in_dims)
-        compiled = isinstance(self.fn, HyperGradFunction) and isinstance(self.fn.executor, Compiled)
-        if compiled and self.chunk_size is None:
+        if is_hg and isinstance(self.fn.executor, Compiled) and self.chunk_size is None:
             result = self.fn.executor.over_tasks(self.fn, in_dims, args)  # the traced call, no vmap
             if result is not None:
                 return result

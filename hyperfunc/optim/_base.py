@@ -13,7 +13,7 @@ from tensordict import TensorDictBase
 
 from .._checks import positional_arity
 from .._torch import DataDependentError
-from .._tree import Keys, Leaves, build, check_same_keys, check_tensordict, keys_of, leaves_of
+from .._tree import Keys, Leaves, build, check_same_keys, check_tensordict, key_name, keys_of, leaves_of
 
 #: A numeric optimizer argument: a number, a scalar tensor, or a function of the hyperparameters
 #: (``h -> value``) or of the hyperparameters and the step (``(h, t) -> value``, ``t`` the 0-based inner
@@ -93,7 +93,7 @@ class Optimizer:
         for key, g, w in zip(keys, grad_leaves, leaves):
             if g.shape != w.shape:  # a broadcasting gradient would update every entry with the same value
                 raise ValueError(
-                    f"grads[{_key_name(key)!r}] has shape {tuple(g.shape)} but state['params'][{_key_name(key)!r}] "
+                    f"grads[{key_name(key)!r}] has shape {tuple(g.shape)} but state['params'][{key_name(key)!r}] "
                     f"has {tuple(w.shape)}; pass one gradient entry per parameter entry"
                 )
         step = state.get("step")
@@ -166,7 +166,7 @@ def resolve(
     except KeyError as err:
         raise ValueError(
             f"optimizer argument {name!r} read a key that hparams lacks: {err}; hparams has keys "
-            f"{[_key_name(k) for k in keys_of(hparams)]}"
+            f"{[key_name(k) for k in keys_of(hparams)]}"
         ) from err
     if isinstance(out, numbers.Real):
         return float(out)
@@ -218,10 +218,6 @@ def pick(values: Any, t: Any) -> Any:
     if torch.is_tensor(t):
         return values.index_select(0, t.reshape(1).to(values.device)).squeeze(0)
     return values[t]
-
-
-def _key_name(key: Any) -> str:
-    return ".".join(key) if isinstance(key, tuple) else str(key)
 
 
 def at(arg: Resolved, i: int) -> Any:

@@ -33,7 +33,7 @@ from tensordict import TensorDictBase
 
 from .._checks import requires_fewer
 from .._torch import tree_map
-from .._tree import Keys, Leaves, add, build, check_tensordict, keys_of, leaves_of
+from .._tree import Keys, Leaves, add, build, check_tensordict, key_name, keys_of, leaves_of
 from ..loop import InnerLoop, Loss
 from ._executor import EAGER, HyperCotangent, Prepared, cotangent_pull
 from ._primitives import Statics, outer, steps_vjp
@@ -150,7 +150,7 @@ class Inputs(NamedTuple):
         for key, x in zip(hkeys, h):
             if x.numel() == 0:
                 raise ValueError(
-                    f"hparams[{'.'.join(key) if isinstance(key, tuple) else key!r}] has no elements (shape "
+                    f"hparams[{key_name(key)!r}] has no elements (shape "
                     f"{tuple(x.shape)}): a hyperparameter must hold at least one value; drop the entry"
                 )
         check_one_device(h, "hparams", leaves_of(p0, pkeys), "params0")
@@ -165,7 +165,7 @@ def _evaluate_init(params0: Callable, hkeys: Keys, h: Leaves) -> tuple[TensorDic
         try:
             p0 = params0(build(hkeys, h))
         except KeyError as err:
-            names = [".".join(k) if isinstance(k, tuple) else k for k in hkeys]
+            names = [key_name(k) for k in hkeys]
             raise ValueError(
                 f"params0(hparams) read a key that hparams lacks: {err}; hparams has keys {names}"
             ) from err
