@@ -1,5 +1,6 @@
 """Peak memory of one vmapped MAML hypergradient: meta-batch size with and without chunking, and T with
-and without checkpointing.
+the default reverse pass (every state kept, one step's graph at a time), checkpoints every √T steps,
+and the whole graph (``checkpoint_every=T``).
 
 MAML (``hf.unroll``) on the Conv-4 BatchNorm backbone of ``examples/maml_conv_bn.py`` (4-way 1-shot
 digits, 10 queries per class, 32 channels, plain SGD). Every configuration runs in a fresh process
@@ -109,7 +110,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     for steps in (10, 40, 160):
-        for checkpoint in (None, round(steps**0.5)):
+        for checkpoint in (None, round(steps**0.5), steps):  # default (one-step segments), √T, whole graph
             r = measure(args.device, tasks=8, steps=steps, chunk=None, checkpoint=checkpoint)
             rows.append(
                 {

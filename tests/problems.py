@@ -222,6 +222,7 @@ class Entry(NamedTuple):
 TRANSFORMS = {
     "unroll": Entry(lambda T: hf.unroll, exact_init=True),
     "checkpointed": Entry(lambda T: functools.partial(hf.unroll, checkpoint_every=2), exact_init=True),
+    "whole tape": Entry(lambda T: functools.partial(hf.unroll, checkpoint_every=T), exact_init=True),
     "truncate(T)": Entry(lambda T: hf.truncate(T), exact_init=True),
     "truncate(T-1)": Entry(lambda T: hf.truncate(max(T - 1, 1))),
     "one_step": Entry(lambda T: hf.one_step, online=lambda: hf.online.one_step),

@@ -382,3 +382,66 @@ def test_cumulative_batch_norm_under_vmap_is_named():
     hf.functional_call(net, params, buffers, x[0])  # one task, eagerly: torch's own path
     with pytest.raises(ValueError, match=r"momentum=None .* in \['1'\] .* set momentum to a number"):
         torch.func.vmap(lambda x, b: hf.functional_call(net, params, b, x))(x, torch.stack([buffers] * 2))
+
+
+def _maml_conv_bn(dtype):
+    """A two-block Conv-BN net (average pooling: the meta-gradient is smooth in the inputs) and 3 tasks."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, CLASSES),
+    ).to(dtype)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 15, 1, 8, 8, generator=g, dtype=torch.float64).to(dtype)  # (tasks, train/query, ...)
+    y = torch.randint(0, CLASSES, (3, 2, 15), generator=g)
+    return net, x, y
+
+
+def _maml_by_autograd(dtype, steps, lr):
+    """Second-order MAML's meta-gradient, mean over tasks, by plain autograd in a loop over tasks."""
+    net, x, y = _maml_conv_bn(dtype)
+    init = dict(net.named_parameters())
+    total = 0
+    for i in range(x.shape[0]):
+        params, buffers = dict(init), {n: b.clone() for n, b in net.named_buffers()}
+        for _ in range(steps):
+            loss = F.cross_entropy(torch.func.functional_call(net, (params, buffers), (x[i, 0],)), y[i, 0])
+            grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=True)
+            params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+        total = total + F.cross_entropy(torch.func.functional_call(net, (params, buffers), (x[i, 1],)), y[i, 1])
+    return dict(zip(init, torch.autograd.grad(total / x.shape[0], tuple(init.values()))))
+
+
+def _maml_by_hyperfunc(dtype, steps, lr):
+    net, x, y = _maml_conv_bn(dtype)
+    params, buffers = hf.module_state(net)
+
+    def loss(p, h, batch, b):
+        out, b = hf.functional_call(net, p, b, batch[0])
+        return F.cross_entropy(out, batch[1]), b
+
+    hg = hf.vmap(
+        hf.unroll(hf.InnerLoop(loss, hf.optim.sgd(lr=lr), steps, full_batch=True), loss), (None, None, 0, 0, 0)
+    )
+    res = hg(TensorDict({"init": params}, []), learned_init, (x[:, 0], y[:, 0]), (x[:, 1], y[:, 1]),
+             torch.stack([buffers] * x.shape[0]))  # fmt: skip
+    return {".".join(k): g.mean(0) for k, g in res.grads["init"].items(True, True)}
+
+
+def test_float32_maml_meta_gradient_is_as_accurate_as_plain_autograd():
+    """Conv-BN MAML in float32 against float64: hyperfunc's error within 10x of plain autograd's (the arithmetic
+    of higher and TorchOpt). With max pooling no route compares: a float32 rounding moves near-tied maxima, and
+    a 1e-6 relative change of the inputs moves the float64 meta-gradient itself by a few percent
+    (``python benchmarks/models.py --accuracy``)."""
+    steps, lr = 5, 0.1
+
+    def error(grads, reference):
+        diff = sum(((grads[n].double() - reference[n]) ** 2).sum() for n in reference)
+        return float(diff.sqrt() / sum((reference[n] ** 2).sum() for n in reference).sqrt())
+
+    reference = _maml_by_autograd(torch.float64, steps, lr)
+    assert error(_maml_by_hyperfunc(torch.float64, steps, lr), reference) < 1e-12
+    ours, theirs = (error(f(torch.float32, steps, lr), reference) for f in (_maml_by_hyperfunc, _maml_by_autograd))
+    assert ours < 10 * theirs, (ours, theirs)
+    assert ours < 1e-5

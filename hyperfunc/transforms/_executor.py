@@ -15,6 +15,7 @@ prepared batches ``bound.prep``, its outer batch):
 ``scan_blocks(bound, block, b, carry, start, stop, shared)``  a transform's per-step recursion
 ``piece(bound, fn, b, per_task, shared)``               a transform's own piece of math
 ``call(hg, args) -> (HyperGrad, aux)``                  a whole hypergradient call
+``reverse_segment() -> int | None``                      an exact reverse pass's default segment length
 ======================================================  =================================================
 
 :data:`EAGER` runs them as written, with the math of :mod:`._primitives`; ``hf.compile`` hands a
@@ -25,6 +26,8 @@ compiled kernels. No transform knows which one it runs on.
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
+
+import torch
 
 from .._tree import Leaves, add, scale
 from ._primitives import Layout, prepare_vjp, steps, steps_jvp, steps_outer_vjp, steps_vjp
@@ -114,6 +117,14 @@ class Eager:
 
     def call(self, hg, args: tuple) -> tuple:
         return hg.outcome(*args)
+
+    def reverse_segment(self) -> Optional[int]:
+        """Steps per recomputed segment of an exact reverse pass whose transform sets none: one. The forward
+        keeps every state, the reverse recomputes one step's graph at a time (memory T states and one
+        step's graph, for one more forward pass; the whole T-step graph is ``checkpoint_every=T``). None,
+        one segment, while ``torch.compile`` traces: its partitioner chooses what to recompute, and a
+        recomputed segment's random state cannot be replayed there."""
+        return None if torch.compiler.is_compiling() else 1
 
 
 #: The eager executor (stateless: one serves every transform).

@@ -1,4 +1,8 @@
-"""DrMAD: exact on affine dynamics, and equal to a hand-written reverse pass over interpolated states."""
+"""DrMAD: exact on affine dynamics, and equal to a hand-written reverse pass over interpolated states; the
+exact reverse pass keeps one step's graph at a time by default."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +10,9 @@ from problems import DT, Quadratic, mlp, mlp_params, td, tree_close
 from tensordict import TensorDict
 
 import hyperfunc as hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _measure import peak_bytes  # noqa: E402
 
 
 @pytest.mark.parametrize("learned_init", [False, True])
@@ -65,3 +72,34 @@ def test_drmad_equals_reverse_pass_over_interpolated_states():
     # and it is an approximation: not the exact hypergradient on this nonlinear problem
     exact = hf.unroll(hf.InnerLoop(inner, hf.optim.sgd(lr=lr), steps=T), outer)(td(l2=lam), params0, (x, y), (xv, yv))
     assert not torch.allclose(exact.grads["l2"], res.grads["l2"], rtol=1e-3)
+
+
+def test_the_default_reverse_pass_keeps_one_steps_graph_and_equals_the_whole_tape():
+    """Storing every state and recomputing one step at a time: the peak stays flat in T (the whole tape's
+    grows with it), the hypergradient is the same."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g, dtype=DT)
+    y = torch.sin(x.sum(-1, keepdim=True))
+    params0 = mlp_params([8, 64, 64, 1], seed=1)
+
+    def inner(p, h, batch):
+        return ((mlp(p, batch[0]) - batch[1]) ** 2).mean() + h["l2"] * (p["0", "weight"] ** 2).sum()
+
+    def outer(p, h, batch):
+        return ((mlp(p, batch[0]) - batch[1]) ** 2).mean()
+
+    peaks = {}
+    for T in (4, 16):
+        loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1, momentum=0.9), steps=T, full_batch=True)
+        args = (td(l2=torch.tensor(0.01, dtype=DT)), params0, (x, y), (x, y))
+        for name, hg in {
+            "default": hf.unroll(loop, outer),
+            "whole": hf.unroll(loop, outer, checkpoint_every=T),
+        }.items():
+            out = []
+            peaks[name, T] = peak_bytes(lambda: out.append(hg(*args)))
+            peaks[name, T, "grads"] = out[0].grads
+        tree_close(peaks["default", T, "grads"], peaks["whole", T, "grads"], rtol=1e-12, atol=1e-14)
+    state = 2 * sum(x.numel() * x.element_size() for x in params0.values(True, True))  # params and momentum
+    assert peaks["default", 16] - peaks["default", 4] < 1.2 * 12 * state  # 12 more states, nothing else
+    assert peaks["whole", 16] - peaks["whole", 4] > 5 * 12 * state  # 12 more steps' graphs
