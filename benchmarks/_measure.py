@@ -4,45 +4,17 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated by operators while the mode is active.
-
-    Every non-aliasing operator output is counted when created and uncounted when the tensor is
-    freed; the peak is the maximum of the running total. It sees the plain tensors under
-    ``torch.func`` wrappers, so it measures what a transform really keeps alive, on any device,
-    without a CUDA allocator. Inputs that exist before the call are not counted.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if all(r.alias_info is None for r in func._schema.returns):
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    nbytes = t.untyped_storage().nbytes()
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(t, self._free, nbytes)
-        return out
+from hyperfunc._memory import PeakBytes
 
 
 def peak_bytes(fn: Callable[[], Any]) -> int:
-    with PeakMemory() as mode:
+    """Peak bytes of tensor storage that operators allocate during ``fn()`` (:class:`hyperfunc._memory.PeakBytes`:
+    it sees the plain tensors under ``torch.func`` wrappers, on any device; inputs that exist before are not
+    counted)."""
+    with PeakBytes() as mode:
         fn()
     return mode.peak
 
@@ -58,7 +30,7 @@ def _status_bytes(key: str) -> int:
 def rss_peak_growth(fn: Callable[[], Any]) -> int:
     """Peak growth of the resident set during ``fn()`` (Linux): freed heap memory is handed back to the
     system first (``malloc_trim``), the high-water mark is reset (``/proc/self/clear_refs``), and the
-    peak is read from ``VmHWM``. Unlike :class:`PeakMemory` it sees the buffers that compiled
+    peak is read from ``VmHWM``. Unlike :func:`peak_bytes` it sees the buffers that compiled
     (inductor) code allocates outside the dispatcher; memory glibc keeps cached after the trim is
     reused without counting, so warm-up first and read it as a lower bound."""
     import ctypes

@@ -56,16 +56,23 @@ import hyperfunc as hf  # noqa: E402
 WAYS, SHOTS, QUERIES, TASKS, CHANNELS, SIZE, LR = 5, 5, 15, 4, 32, 32, 0.01
 
 
-POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+#: the network's pooling and activation: Conv-4's own (max-pool, ReLU), and two variants for the float32
+#: accuracy table (a second-order meta-gradient jumps where a max-pool's argmax or a ReLU's sign flips)
+POOLS = {
+    "max-pool, ReLU": (nn.MaxPool2d, nn.ReLU),
+    "avg-pool, ReLU": (nn.AvgPool2d, nn.ReLU),
+    "avg-pool, GELU": (nn.AvgPool2d, nn.GELU),
+}
 
 
-def conv4(channels: int = CHANNELS, ways: int = WAYS, pool: str = "max") -> nn.Sequential:
-    """Conv-4 (Vinyals et al. 2016; Finn et al. 2017): four Conv3x3-BN-ReLU-Pool2 blocks and a linear head
-    (``pool="avg"``: average pooling, whose meta-gradient is smooth in the inputs)."""
+def conv4(channels: int = CHANNELS, ways: int = WAYS, pool: str = "max-pool, ReLU") -> nn.Sequential:
+    """Conv-4 (Vinyals et al. 2016; Finn et al. 2017): four Conv3x3-BN-ReLU-MaxPool2 blocks and a linear head
+    (``pool`` names another pooling and activation, see :data:`POOLS`)."""
+    pooling, activation = POOLS[pool]
 
     def block(c_in: int) -> nn.Sequential:
         conv = nn.Conv2d(c_in, channels, 3, padding=1)
-        return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.ReLU(), POOLS[pool](2))
+        return nn.Sequential(conv, nn.BatchNorm2d(channels), activation(), pooling(2))
 
     return nn.Sequential(block(3), *(block(channels) for _ in range(3)), nn.Flatten(), nn.Linear(channels * 4, ways))
 
@@ -90,7 +97,7 @@ def model(dtype: torch.dtype, device: str, pool: str) -> nn.Sequential:
     return conv4(pool=pool).to(device, dtype)
 
 
-def hf_route(name: str, steps: int, dtype: torch.dtype, device: str, pool: str = "max", jitter: float = 0.0):
+def hf_route(name: str, steps: int, dtype: torch.dtype, device: str, pool: str = "max-pool, ReLU", jitter: float = 0.0):
     """A hyperfunc route: ``call() -> {name: meta-gradient}``."""
     net = model(dtype, device, pool)
     params, buffers = hf.module_state(net)
@@ -123,7 +130,7 @@ def hf_route(name: str, steps: int, dtype: torch.dtype, device: str, pool: str =
     return call
 
 
-def higher_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max"):
+def higher_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max-pool, ReLU"):
     """higher's ``innerloop_ctx`` over ``torch.optim.SGD``, a loop over tasks, second order."""
     import higher
 
@@ -144,7 +151,7 @@ def higher_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max")
     return call
 
 
-def torchopt_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max"):
+def torchopt_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max-pool, ReLU"):
     """TorchOpt's functional SGD with ``torch.autograd.grad(create_graph=True)``, a loop over tasks."""
     import torchopt
 
@@ -169,7 +176,7 @@ def torchopt_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max
     return call
 
 
-def torch_func_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max"):
+def torch_func_route(steps: int, dtype: torch.dtype, device: str, pool: str = "max-pool, ReLU"):
     """``vmap`` over tasks of ``grad`` of the unrolled loop, written with ``torch.func`` alone."""
     net = model(dtype, device, pool)
     xs, ys, xq, yq = tasks(dtype, device)
@@ -199,7 +206,7 @@ PEERS = {"higher (loop over tasks)": higher_route, "TorchOpt (loop over tasks)":
 PEERS["torch.func by hand (vmapped)"] = torch_func_route
 
 
-def route(name: str, steps: int, dtype: torch.dtype = torch.float32, device: str = "cpu", pool: str = "max"):
+def route(name: str, steps: int, dtype: torch.dtype = torch.float32, device: str = "cpu", pool: str = "max-pool, ReLU"):
     if name in PEERS:
         return PEERS[name](steps, dtype, device, pool)
     return hf_route(name, steps, dtype, device, pool)
@@ -256,7 +263,7 @@ def errors(grads: dict, reference: dict) -> tuple[float, float]:
 
 
 def accuracy(steps: list[int], device: str) -> str:
-    """The float32 error of every second-order route against float64, with max and with average pooling, and
+    """The float32 error of every second-order route against float64, for each network of :data:`POOLS`, and
     how far a 1e-6 relative change of the inputs moves the float64 meta-gradient itself."""
     names = ["hf.unroll", *PEERS]
     rows = []
@@ -265,11 +272,9 @@ def accuracy(steps: list[int], device: str) -> str:
         for pool in POOLS:
             reference = route("hf.unroll", T, torch.float64, device, pool)()
             for name in names:
-                row[f"{name}, {pool}-pool"] = (
-                    f"{errors(route(name, T, torch.float32, device, pool)(), reference)[0]:.1e}"
-                )
+                row[f"{name}, {pool}"] = f"{errors(route(name, T, torch.float32, device, pool)(), reference)[0]:.1e}"
             moved = hf_route("hf.unroll", T, torch.float64, device, pool, jitter=1e-6)()
-            row[f"float64 moved by a 1e-6 input change, {pool}-pool"] = f"{errors(moved, reference)[0]:.1e}"
+            row[f"float64 moved by a 1e-6 input change, {pool}"] = f"{errors(moved, reference)[0]:.1e}"
         rows.append(row)
         print(row, flush=True)
     columns = list(rows[0])
@@ -284,7 +289,7 @@ def step_product(kind: str, device: str) -> dict:
     ``"reverse-over-reverse"`` (the VJP of the step, which holds a gradient: what hyperfunc runs),
     ``"forward-over-reverse"`` (a ``jvp`` of the gradient in the direction -lr·ct, MixFlow-MG's product), or
     ``"gradient"`` (the step's gradient alone)."""
-    net = model(torch.float32, device, "max")
+    net = model(torch.float32, device, "max-pool, ReLU")
     params, buffers = hf.module_state(net)
     xs, ys, _, _ = tasks(torch.float32, device)
 

@@ -200,7 +200,7 @@ class Compiled:
         fp = fingerprint(loop.inner_loss, outer_loss, loop.prepare, init, *(v for v in args if callable(v)))
         self.segments.check_closures(fp)
 
-    def reverse_segment(self) -> None:
+    def reverse_segment(self, bound: Bound, s: Leaves, b: Any, start: int, stop: int) -> None:
         """None: an exact reverse pass hands :meth:`run_outer_vjp` its whole range, which the kernels segment."""
         return None
 

@@ -15,7 +15,7 @@ prepared batches ``bound.prep``, its outer batch):
 ``scan_blocks(bound, block, b, carry, start, stop, shared)``  a transform's per-step recursion
 ``piece(bound, fn, b, per_task, shared)``               a transform's own piece of math
 ``call(hg, args) -> (HyperGrad, aux)``                  a whole hypergradient call
-``reverse_segment() -> int | None``                      an exact reverse pass's default segment length
+``reverse_segment(bound, s, b, start, stop)``             an exact reverse pass's default segment length
 ======================================================  =================================================
 
 :data:`EAGER` runs them as written, with the math of :mod:`._primitives`; ``hf.compile`` hands a
@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from .._memory import PeakBytes
 from .._tree import Leaves, add, scale
 from ._primitives import Layout, prepare_vjp, steps, steps_jvp, steps_outer_vjp, steps_vjp
 from ._primitives import outer_vjp as _outer_vjp
@@ -69,6 +70,10 @@ def cotangent_pull(pull: Any) -> Any:
         return ct_s, HyperCotangent(ct_h, ct_d)
 
     return cotangents
+
+
+#: the bytes of graph an exact reverse pass keeps alive at a time when its transform sets no segment length
+GRAPH_BUDGET = 64 * 2**20
 
 
 class Eager:
@@ -118,13 +123,23 @@ class Eager:
     def call(self, hg, args: tuple) -> tuple:
         return hg.outcome(*args)
 
-    def reverse_segment(self) -> Optional[int]:
-        """Steps per recomputed segment of an exact reverse pass whose transform sets none: one. The forward
-        keeps every state, the reverse recomputes one step's graph at a time (memory T states and one
-        step's graph, for one more forward pass; the whole T-step graph is ``checkpoint_every=T``). None,
-        one segment, while ``torch.compile`` traces: its partitioner chooses what to recompute, and a
-        recomputed segment's random state cannot be replayed there."""
-        return None if torch.compiler.is_compiling() else 1
+    def reverse_segment(self, bound, s: Leaves, b: Any, start: int, stop: int) -> Optional[int]:
+        """Steps per recomputed segment of an exact reverse pass over steps ``start..stop-1`` whose transform
+        sets none: as many as keep the graphs alive at a time within :data:`GRAPH_BUDGET`, at least one.
+
+        The size of one step's graph is measured on step ``start``, run once more without a graph: the peak
+        bytes its operations allocate (:class:`~hyperfunc._memory.PeakBytes`; the gradient's forward and
+        backward, which is what its VJP keeps). On a model-scale step (Conv-4 MAML: hundreds of MiB) that
+        is one step: the forward keeps every state and no graph, the reverse recomputes one step's graph
+        at a time (one more gradient evaluation per step, as TESLA, Cui et al. 2023). On a small one
+        (an MLP head) the whole graph fits and nothing is recomputed. None (one segment, no measurement)
+        while ``torch.compile`` traces: its partitioner chooses what to recompute, and a recomputed
+        segment's random state cannot be replayed there."""
+        if torch.compiler.is_compiling() or stop - start <= 1:
+            return None
+        with PeakBytes() as measured:
+            self.run(bound, s, b, start, start + 1)
+        return max(1, min(stop - start, GRAPH_BUDGET // max(measured.peak, 1)))
 
 
 #: The eager executor (stateless: one serves every transform).

@@ -35,13 +35,13 @@ def reverse_pass(bound, depth: int, every: Optional[int] = None) -> Outcome:
 
     ``depth >= T`` is the exact hypergradient, including the term through a learned ``w_0``; with
     buffers, every segment's buffers are stored beside its checkpoint and replayed. ``every=None`` is
-    the executor's own segment length (eager: one step, every state stored and one step's graph alive
-    at a time; compiled: its kernels' segments).
+    the executor's choice (eager: as many steps as fit a memory budget, see
+    :meth:`~._executor.Eager.reverse_segment`; compiled: its kernels' segments).
     """
     steps = bound.loop.steps
     first = steps - min(depth, steps)
     s, b = bound.run(bound.initial(), bound.buffers, 0, first)
-    every = every or bound.executor.reverse_segment() or max(steps - first, 1)
+    every = every or bound.executor.reverse_segment(bound, s, b, first, steps) or max(steps - first, 1)
     starts = list(range(first, steps, every)) or [first]
     stops = starts[1:] + [steps]
     checkpoints, rng = [(s, b)], []
@@ -114,15 +114,16 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
     (reverse-mode differentiation, RMD; Shaban et al. 2019, Eqs. 5-6; Maclaurin et al. 2015).
 
     Cost: the forward trajectory plus its reverse, ``T`` VJPs of the step map (each a
-    Hessian-vector product of the inner loss). By default the forward keeps every state
-    :math:`s_t` and no graph, and the reverse recomputes one step's graph at a time: memory
-    T·|s| plus one step's graph, for one more gradient evaluation per step (as TESLA, Cui et al.
-    2023). On Conv-4 MAML at T = 20 this takes 3x less memory than keeping the whole graph, and less
-    time (``benchmarks/models.py``). With ``checkpoint_every=k`` only every k-th state is kept and a
-    k-step graph is alive at a time: memory O((T/k)·|s| + k steps' graphs); ``checkpoint_every=T``
-    keeps the whole T-step graph and recomputes nothing, the fastest choice when a step's graph is
-    small: on the ANIL sinusoid MLP the default takes 2-2.5x its time (27 against 13 ms at T = 10,
-    where each VJP call's fixed cost dominates). Under ``torch.compile`` the default is the whole
+    Hessian-vector product of the inner loss). By default the reverse pass keeps at most 64 MiB of
+    graph alive (measured on one step; :meth:`~hyperfunc.transforms._executor.Eager.reverse_segment`):
+    a small model keeps its whole graph (memory O(T) steps' graphs, nothing recomputed); a
+    model-scale step (Conv-4 MAML: hundreds of MiB) runs the forward with no graph, keeping every
+    state :math:`s_t`, and recomputes one step's graph at a time in the reverse (memory T·|s| plus
+    one step's graph, for one more gradient evaluation per step; TESLA, Cui et al. 2023). On Conv-4
+    MAML at T = 20 that is 3x less memory than the whole graph, in less time
+    (``benchmarks/models.py``). ``checkpoint_every=k`` sets the segment length: every k-th state is
+    kept and a k-step graph is alive at a time, memory O((T/k)·|s| + k steps' graphs);
+    ``checkpoint_every=T`` keeps the whole graph. Under ``torch.compile`` the default is the whole
     graph, whose recomputation the compiler's partitioner chooses.
 
     Module buffers (``buffers=``) are carried through the steps, stored beside each checkpoint and
@@ -131,8 +132,8 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
     Args:
         loop: the inner loop.
         outer_loss: ``outer_loss(params, hparams, batch) -> scalar``.
-        checkpoint_every: store every k-th state and recompute k-step segments (``None``: every state,
-            one-step segments; ``T``: the whole graph).
+        checkpoint_every: store every k-th state and recompute k-step segments (``None``: as many
+            steps as fit 64 MiB of graph; ``T``: the whole graph).
 
     Returns:
         ``hg(hparams, params0, inner_batches, outer_batch) -> HyperGrad``.
@@ -167,9 +168,9 @@ def truncate(K: int) -> Transform:
     ``K = 1`` is :func:`one_step`. Prop. 3.1 of the paper bounds the bias by
     :math:`O(\kappa^K)` for a strongly convex inner problem whose steps contract by :math:`\kappa`.
 
-    Cost: ``T`` gradient steps plus ``K`` step VJPs (one more gradient evaluation per step for
-    the last ``K``, recomputed one at a time as in :func:`unroll`); memory O(K·|s|) plus one step's
-    graph, flat in ``T``. Module buffers
+    Cost: ``T`` gradient steps plus ``K`` step VJPs, their graphs kept within 64 MiB as in
+    :func:`unroll` (a model-scale step is recomputed, one more gradient evaluation); memory O(K·|s|)
+    plus the graphs, flat in ``T``. Module buffers
     run through the graph-free prefix and the last ``K`` steps alike. With a learned ``params0`` and
     ``K < T`` there is no ``w_0`` term: a ``ValueError`` unless wrapped in :func:`hyperfunc.fomaml` or
     :func:`hyperfunc.reptile`.

@@ -74,9 +74,7 @@ def test_drmad_equals_reverse_pass_over_interpolated_states():
     assert not torch.allclose(exact.grads["l2"], res.grads["l2"], rtol=1e-3)
 
 
-def test_the_default_reverse_pass_keeps_one_steps_graph_and_equals_the_whole_tape():
-    """Storing every state and recomputing one step at a time: the peak stays flat in T (the whole tape's
-    grows with it), the hypergradient is the same."""
+def _mlp_problem(T):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g, dtype=DT)
     y = torch.sin(x.sum(-1, keepdim=True))
@@ -88,18 +86,39 @@ def test_the_default_reverse_pass_keeps_one_steps_graph_and_equals_the_whole_tap
     def outer(p, h, batch):
         return ((mlp(p, batch[0]) - batch[1]) ** 2).mean()
 
-    peaks = {}
+    loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1, momentum=0.9), steps=T, full_batch=True)
+    return loop, outer, (td(l2=torch.tensor(0.01, dtype=DT)), params0, (x, y), (x, y))
+
+
+def _peaks_and_grads(make):
+    """Peak bytes and hypergradient of the default and the whole-graph unroll at T = 4 and 16."""
+    out = {}
     for T in (4, 16):
-        loop = hf.InnerLoop(inner, hf.optim.sgd(lr=0.1, momentum=0.9), steps=T, full_batch=True)
-        args = (td(l2=torch.tensor(0.01, dtype=DT)), params0, (x, y), (x, y))
+        loop, outer, args = make(T)
         for name, hg in {
             "default": hf.unroll(loop, outer),
             "whole": hf.unroll(loop, outer, checkpoint_every=T),
         }.items():
-            out = []
-            peaks[name, T] = peak_bytes(lambda: out.append(hg(*args)))
-            peaks[name, T, "grads"] = out[0].grads
+            res = []
+            out[name, T] = peak_bytes(lambda: res.append(hg(*args)))
+            out[name, T, "grads"] = res[0].grads
+    return out, 2 * sum(x.numel() * x.element_size() for x in args[1].values(True, True))  # state: params, momentum
+
+
+def test_a_step_graph_over_the_budget_is_recomputed_one_step_at_a_time(monkeypatch):
+    """Storing every state and recomputing one step at a time: the peak stays flat in T (the whole graph's
+    grows with it), the hypergradient is the same."""
+    monkeypatch.setattr(hf.transforms._executor, "GRAPH_BUDGET", 1)  # every step's graph is over it
+    peaks, state = _peaks_and_grads(_mlp_problem)
+    for T in (4, 16):
         tree_close(peaks["default", T, "grads"], peaks["whole", T, "grads"], rtol=1e-12, atol=1e-14)
-    state = 2 * sum(x.numel() * x.element_size() for x in params0.values(True, True))  # params and momentum
     assert peaks["default", 16] - peaks["default", 4] < 1.2 * 12 * state  # 12 more states, nothing else
     assert peaks["whole", 16] - peaks["whole", 4] > 5 * 12 * state  # 12 more steps' graphs
+
+
+def test_a_graph_within_the_budget_is_kept_whole():
+    """A 64-unit MLP's 16 steps fit the 64 MiB budget: the default keeps the whole graph and recomputes nothing."""
+    peaks, _ = _peaks_and_grads(_mlp_problem)
+    for T in (4, 16):
+        assert peaks["default", T] == pytest.approx(peaks["whole", T], rel=0.05)
+        tree_close(peaks["default", T, "grads"], peaks["whole", T, "grads"], rtol=0, atol=0)
