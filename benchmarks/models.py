@@ -7,28 +7,33 @@ inner steps (lr 0.01) and the meta-gradient of the mean query loss with respect 
 initialization (second order). The data are fixed random tensors (seed 0): the same tasks for every
 route.
 
-Routes (each returns the meta-batch mean of dF/dθ₀):
-- ``hf.unroll``: ``torch.func.vmap`` of hyperfunc's default exact reverse pass; ``checkpoint_every=k``;
-  ``hf.compile(hf.vmap(...), segment=k)``; FOMAML (``hf.fomaml(hf.first_order)``, first order);
+Routes (each returns the meta-batch mean of dF/dθ₀; ``routes_for`` lists them per T):
+- hyperfunc: ``hf.vmap(hf.unroll(...))`` with its default reverse pass; one task at a time
+  (``chunk_size=1``, as the peers run); the whole graph (``checkpoint_every=T``); FOMAML
+  (``hf.fomaml(hf.first_order)``, first order: its error column is its bias); ``hf.compile(..., segment=5)``;
 - higher's ``innerloop_ctx`` and TorchOpt's functional SGD (``torch.autograd.grad(create_graph=True)``),
   a Python loop over tasks, as their documentation shows;
 - a hand-written ``torch.func`` unroll: ``vmap`` over tasks of ``grad`` of the unrolled loop.
+learn2learn 0.2.0 is not measured: its wheel does not build against this torch.
 
 Columns:
 - peak: growth of the resident set during one call, after two warm-up calls, in a fresh process per
-  route and T (``_measure.rss_peak_growth``; on CUDA ``max_memory_allocated``);
+  route and T (``_measure.rss_peak_growth``; on CUDA ``max_memory_allocated``). It counts what the heap
+  keeps after frees; ``--tensor-peaks`` counts the tensors alive instead;
 - first call: the first call's wall time in that fresh process (compiled: with an empty inductor cache);
 - s / meta-it.: median of interleaved repetitions of all the routes of one T in one process
-  (``_measure.median_seconds``), the steady state;
+  (``_measure.median_seconds``, the compiled route with the cache its first call left), the steady state;
 - error: relative L2 distance of the float32 meta-gradient to hyperfunc's float64 one (``unroll``
-  in float64 on the same tasks and initialization), over all parameters, and the largest per-tensor
-  relative distance over the tensors whose float64 gradient is not ~0 (BatchNorm cancels the conv
-  biases: their exact gradient is 0).
+  in float64 on the same tasks and initialization). ``--accuracy`` shows what it measures: how far a
+  1e-6 relative change of the inputs moves the float64 meta-gradient itself.
 
 Run alone (two processes on 2 cores slow each other down)::
 
-    python benchmarks/models.py                      # T in 1 5 20 50, about 30 minutes on 2 cores
-    python benchmarks/models.py --steps 5 --routes higher "hf.unroll"
+    python benchmarks/models.py                      # T in 1 5 20 50, about 50 minutes on 2 cores
+    python benchmarks/models.py --steps 5 --routes "higher (loop over tasks)" hf.unroll
+    python benchmarks/models.py --accuracy --steps 5 20  # float32 error, three networks, about 8 minutes
+    python benchmarks/models.py --tensor-peaks --steps 5 20 50
+    python benchmarks/models.py --step-products      # one step's VJP: reverse- against forward-over-reverse
     python benchmarks/models.py --device cuda
 """
 
@@ -49,7 +54,7 @@ from tensordict import TensorDict
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import markdown, median_seconds, rss_peak_growth  # noqa: E402
+from _measure import markdown, median_seconds, peak_bytes, rss_peak_growth  # noqa: E402
 
 import hyperfunc as hf  # noqa: E402
 
@@ -315,6 +320,22 @@ def step_product(kind: str, device: str) -> dict:
     return {"peak": peak, "seconds": median_seconds(run, reps=5, sample=0.0)[0]}
 
 
+def tensor_peaks(steps: list[int], device: str) -> str:
+    """The peak bytes of tensors alive during one call (``_measure.peak_bytes``: what the operators allocate,
+    seen under ``torch.func``'s wrappers), per eager route: what a caching allocator must hold, free of the
+    heap's fragmentation that the resident set also counts. Compiled kernels allocate out of its sight."""
+    rows = []
+    for T in steps:
+        for name in routes_for(T):
+            if name.startswith("hf.compile"):
+                continue
+            call = route(name, T, device=device)
+            call()
+            rows.append({"T": T, "route": name, "peak tensor memory (MiB)": f"{peak_bytes(call) / 2**20:.0f}"})
+            print(rows[-1], flush=True)
+    return markdown(rows, list(rows[0]))
+
+
 def in_fresh_process(args: list[str], env: dict | None = None) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, *args], check=True, capture_output=True, text=True, env={**os.environ, **(env or {})}
@@ -330,6 +351,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--accuracy", action="store_true", help="the float32 error table instead")
+    parser.add_argument("--tensor-peaks", action="store_true", help="the peak tensor memory table instead")
     parser.add_argument("--step-products", action="store_true", help="reverse- against forward-over-reverse")
     parser.add_argument("--product", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -340,6 +362,10 @@ def main() -> None:
     if args.accuracy:
         print(f"\nrelative L2 error of the float32 meta-gradient against float64 (Conv-4 BN MAML, {args.device})\n")
         print(accuracy(args.steps, args.device))
+        return
+    if args.tensor_peaks:
+        print(f"\npeak tensor memory of one call (Conv-4 BN MAML, {args.device}, {args.threads} threads)\n")
+        print(tensor_peaks(args.steps, args.device))
         return
     if args.product:
         print(json.dumps(step_product(args.product, args.device)))

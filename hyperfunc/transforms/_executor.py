@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from .._memory import PeakBytes
+from .._rng import rng_state, set_rng_state
 from .._tree import Leaves, add, scale
 from ._primitives import Layout, prepare_vjp, steps, steps_jvp, steps_outer_vjp, steps_vjp
 from ._primitives import outer_vjp as _outer_vjp
@@ -137,8 +138,10 @@ class Eager:
         segment's random state cannot be replayed there."""
         if torch.compiler.is_compiling() or stop - start <= 1:
             return None
+        before = rng_state(s)
         with PeakBytes() as measured:
             self.run(bound, s, b, start, start + 1)
+        set_rng_state(before)  # the measured step's draws (dropout) are the real step's
         return max(1, min(stop - start, GRAPH_BUDGET // max(measured.peak, 1)))
 
 
