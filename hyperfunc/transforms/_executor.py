@@ -135,7 +135,9 @@ class Eager:
         at a time (one more gradient evaluation per step, as TESLA, Cui et al. 2023). On a small one
         (an MLP head) the whole graph fits and nothing is recomputed. None (one segment, no measurement)
         while ``torch.compile`` traces: its partitioner chooses what to recompute, and a recomputed
-        segment's random state cannot be replayed there."""
+        segment's random state cannot be replayed there. Cost: the measured step's gradient once more per
+        call, under a Python dispatch mode (on Conv-4 MAML a gradient takes 0.12 s, a call 1.9 s at T = 5 and 7.1 s at
+        T = 20; the dispatch mode's own overhead was not measured apart)."""
         if torch.compiler.is_compiling() or stop - start <= 1:
             return None
         before = rng_state(s)

@@ -120,9 +120,10 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
     model-scale step (Conv-4 MAML: hundreds of MiB) runs the forward with no graph, keeping every
     state :math:`s_t`, and recomputes one step's graph at a time in the reverse (memory T·|s| plus
     one step's graph, for one more gradient evaluation per step; TESLA, Cui et al. 2023). On Conv-4
-    MAML at T = 20 that is 3x less memory than the whole graph, in less time
-    (``benchmarks/models.py``). ``checkpoint_every=k`` sets the segment length: every k-th state is
-    kept and a k-step graph is alive at a time, memory O((T/k)·|s| + k steps' graphs);
+    MAML that is 1.9x-3.5x less memory than the whole graph at T = 5-50, in about its time at T = 5
+    and 50 and 1.36x at T = 20 (``benchmarks/models.py``). ``checkpoint_every=k`` sets the segment
+    length: every k-th state is kept and a k-step graph is alive at a time, memory
+    O((T/k)·|s| + k steps' graphs);
     ``checkpoint_every=T`` keeps the whole graph. Under ``torch.compile`` the default is the whole
     graph, whose recomputation the compiler's partitioner chooses.
 
