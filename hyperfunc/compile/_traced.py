@@ -9,6 +9,7 @@ Python around them is traced away (:func:`program`). :func:`traced_call` runs ei
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -155,12 +156,16 @@ def _run_traced(
 def _traced_key(compile: Callable, segments: Segments, layout: Layout, shapes: tuple, tensors: Leaves) -> tuple:
     """The kernel key of a traced call: how it is compiled, the inputs' structure and their per-task shapes,
     dtypes and devices. The structure's key is looked up by the spec's equality (a few µs) rather than
-    rebuilt (its string takes tens of µs for nested TensorDicts)."""
+    rebuilt (its string takes tens of µs for nested TensorDicts). A function among the inputs (a learned
+    ``params0``) keys by its code, so that ``hg(h, lambda h: h["init"], ...)`` in a loop, a new function
+    object at every call, reuses the kernel: what it reads from outside is guarded by the executor's
+    closure fingerprint, which compiles again when that changes."""
+    fixed = tuple(("function", x.__code__) if isinstance(x, types.FunctionType) else x for x in layout.fixed)
     for spec, structure in segments.structures:
-        if spec == layout.spec and structure[1:] == (layout.fixed, layout.diff):
+        if spec == layout.spec and structure[1:] == (fixed, layout.diff):
             break
     else:
-        structure = layout.key()
+        structure = layout._replace(fixed=fixed).key()
         segments.structures.append((layout.spec, structure))
     return (compile.__name__, structure, shapes, tuple((x.dtype, x.device) for x in tensors))
 

@@ -50,6 +50,30 @@ def test_a_horizon_within_one_segment_is_one_kernel(name):
     assert counter.frame_count == 1
 
 
+def test_a_new_params0_function_with_the_same_code_reuses_the_kernel():
+    """MAML written as ``hg(h, lambda h: h["init"], ...)`` in a training loop passes a new function at every
+    call: it keys by its code (its closures are guarded apart), so the one kernel is traced once (every call
+    re-traced it before: 12 s per Conv-4 meta-iteration against 1.9 s eager). A closure that changes still
+    compiles again."""
+    prob, _ = _within_one_segment("unroll")
+    hg = hf.unroll(prob.loop, prob.outer_loss)
+    counter = torch._dynamo.testing.CompileCounter()
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=4, backend=counter)
+    hparams, heads, inner, outer = sinusoid_args(prob, 0)
+    hparams = TensorDict({"body": hparams["body"], "head": heads}, [])
+    ref = torch.func.vmap(hg, in_dims=IN_DIMS)(hparams, lambda h: h["head"], inner, outer)
+    for _ in range(3):
+        tree_close(fast(hparams, lambda h: h["head"], inner, outer).grads, ref.grads, rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1
+    scale = 2.0
+    with pytest.warns(RuntimeWarning, match="changed"):
+        res = fast(hparams, lambda h: h["head"] * scale, inner, outer)
+    tree_close(
+        res.grads, torch.func.vmap(hg, in_dims=IN_DIMS)(hparams, lambda h: h["head"] * scale, inner, outer).grads
+    )
+    assert counter.frame_count == 2
+
+
 def test_one_segment_follows_vmaps_in_dims():
     """The direct route reads in_dims as vmap does: an int for every argument, a batch dimension other than
     0, a mismatch of batch sizes (named by hf.vmap), and vmap around it (the kernel under two levels)."""
