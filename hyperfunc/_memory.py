@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from torch.utils._python_dispatch import TorchDispatchMode
+from ._torch import TorchDispatchMode, allocates
 
 
 class PeakBytes(TorchDispatchMode):
@@ -35,7 +35,7 @@ class PeakBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if all(r.alias_info is None for r in func._schema.returns):
+        if allocates(func):
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if hasattr(t, "untyped_storage"):
                     nbytes = t.untyped_storage().nbytes()

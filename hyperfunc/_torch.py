@@ -21,9 +21,11 @@ __all__ = [
     "InductorWrapper",
     "OpOverload",
     "ShapeEnv",
+    "TorchDispatchMode",
     "TracingContext",
     "TransformType",
     "add_batch_dim",
+    "allocates",
     "coerce_cinterpreter",
     "compiler_wrapper",
     "get_proxy_mode",
@@ -112,6 +114,10 @@ DataDependentError = _symbol(
 FakeTensorMode = _symbol("torch._subclasses.fake_tensor:FakeTensorMode", "fake inputs for the compiler backend")
 tracing = _symbol("torch._guards:tracing", "the tracing context inductor reads its fake mode from")
 TracingContext = _symbol("torch._guards:TracingContext", "the tracing context inductor reads its fake mode from")
+# -- dispatch modes: public alternative none (torch.overrides has the torch-function level only)
+TorchDispatchMode = _symbol(
+    "torch.utils._python_dispatch:TorchDispatchMode", "counting the bytes one inner step allocates (unroll)"
+)
 # -- torch.compile's backends, as torch.compile(**options) builds them; public: torch.compile itself
 InductorWrapper = _symbol("torch:_TorchCompileInductorWrapper", "inductor with mode= / options= (hf.compile)")
 CompileWrapper = _symbol("torch:_TorchCompileWrapper", "a named or callable backend (hf.compile)")
@@ -126,6 +132,12 @@ def tree_children(spec: Any) -> list:
 def is_mutable_op(target: Any) -> bool:
     """Whether an aten operator mutates an argument (its private ``_schema``; public alternative none)."""
     return isinstance(target, OpOverload) and target._schema.is_mutable
+
+
+def allocates(op: Any) -> bool:
+    """Whether an operator's outputs are new storage, none a view of an input (its private ``_schema``;
+    public alternative none)."""
+    return all(r.alias_info is None for r in op._schema.returns)
 
 
 def compiler_wrapper(backend: Any, mode: Any, settings: Any, dynamic: Any) -> Any:
