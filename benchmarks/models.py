@@ -10,7 +10,8 @@ route.
 Routes (each returns the meta-batch mean of dF/dθ₀; ``routes_for`` lists them per T):
 - hyperfunc: ``hf.vmap(hf.unroll(...))`` with its default reverse pass; one task at a time
   (``chunk_size=1``, as the peers run); the whole graph (``checkpoint_every=T``); FOMAML
-  (``hf.fomaml(hf.first_order)``, first order: its error column is its bias); ``hf.compile(..., segment=5)``;
+  (``hf.fomaml(hf.first_order)``, first order: its error column is its bias); ``hf.compile(..., segment=5)``
+  (on CUDA also with ``mode=reduce-overhead``, CUDA graphs: ``--routes "hf.compile(segment=5, mode=reduce-overhead)"``);
 - higher's ``innerloop_ctx`` and TorchOpt's functional SGD (``torch.autograd.grad(create_graph=True)``),
   a Python loop over tasks, as their documentation shows;
 - a hand-written ``torch.func`` unroll: ``vmap`` over tasks of ``grad`` of the unrolled loop.
@@ -125,7 +126,8 @@ def hf_route(name: str, steps: int, dtype: torch.dtype, device: str, pool: str =
     chunk = int(options["chunk_size"]) if "chunk_size" in options else None
     vmapped = hf.vmap(hg, in_dims=(None, None, 0, 0, 0), chunk_size=chunk)
     if name.startswith("hf.compile"):
-        vmapped = hf.compile(vmapped, segment=int(options["segment"]))
+        mode = {"mode": options["mode"]} if "mode" in options else {}  # "reduce-overhead": CUDA graphs
+        vmapped = hf.compile(vmapped, segment=int(options["segment"]), **mode)
     many = torch.stack([buffers] * TASKS)
 
     def call() -> dict:

@@ -50,15 +50,19 @@ import hyperfunc as hf
 TRAIN_CLASSES, TEST_CLASSES = range(0, 6), range(6, 10)
 
 
-def conv4(channels: int, n_way: int) -> nn.Sequential:
-    """Four Conv-BN-ReLU blocks (max-pool after the first three: 8x8 -> 1x1) and a linear head."""
-
-    def block(c_in: int, pool: bool) -> list[nn.Module]:
-        layers = [nn.Conv2d(c_in, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()]
-        return [nn.Sequential(*layers, nn.MaxPool2d(2))] if pool else [nn.Sequential(*layers)]
-
-    blocks = block(1, True) + block(channels, True) + block(channels, True) + block(channels, False)
-    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels, n_way))
+def conv4(channels: int, n_way: int, in_channels: int = 1, image: int = 8, running_stats: bool = True) -> nn.Sequential:
+    """Four Conv-BN-ReLU blocks and a linear head; each block halves the feature map by a 2x2 max-pool
+    while it is larger than 1x1 (8x8 digits: the first three blocks; 32x32 and 64x64 images: all four,
+    as in Finn et al. 2017). ``running_stats=False`` gives BatchNorm no buffers: batch statistics only."""
+    blocks, size = [], image
+    for c_in in (in_channels, channels, channels, channels):
+        layers = [nn.Conv2d(c_in, channels, 3, padding=1), nn.BatchNorm2d(channels, track_running_stats=running_stats)]
+        layers.append(nn.ReLU())
+        if size > 1:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        blocks.append(nn.Sequential(*layers))
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels * size * size, n_way))
 
 
 HEAD = "5"  # the key of the linear head in module_state(conv4(...))

@@ -119,10 +119,12 @@ def meta_test(problem, hparams, head, n_tasks: int, seed: int = 10_000) -> tuple
     return mse, sgd["lr"] * curvature / (2 * (1 + sgd["momentum"]))
 
 
-def meta_train(name: str, method: Method, problem, args, seed: int):
-    """One meta-training run; returns the body, the Reptile head, the meta-validation curve and the
-    ``(episode, θ)`` fits of HyperDistill."""
+def meta_train(name: str, method: Method, problem, args, seed: int, sample=None):
+    """One meta-training run; returns the hyperparameters, the Reptile head, the meta-validation curve and
+    the ``(episode, θ)`` fits of HyperDistill. ``sample(n_tasks, generator)`` draws a meta-batch of
+    :class:`hyperfunc.tasks.Tasks` (sinusoids when None; ``warpgrad.py`` and ``meta_weight_net.py`` pass digits)."""
     gen = torch.Generator().manual_seed(seed)
+    sample = sample or hf.tasks.sinusoid_tasks
     hparams, head = problem.hparams, problem.params0
     meta = torchopt.adam(args.meta_lr)
     meta_state, curve, theta, thetas = meta.init(hparams), [], 1.0, []
@@ -134,7 +136,7 @@ def meta_train(name: str, method: Method, problem, args, seed: int):
 
     bar = tqdm(range(args.episodes), desc=f"{name} (run {seed})", leave=False)
     for episode in bar:
-        tasks = hf.tasks.sinusoid_tasks(args.meta_batch, generator=gen)
+        tasks = sample(args.meta_batch, generator=gen)
         heads = head.expand(args.meta_batch).clone()
         batch_args = (tasks.inner_batches, tasks.outer_batch)
         if method.kind == "offline":

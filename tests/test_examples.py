@@ -34,6 +34,8 @@ CASES = {
     "hypercleaning": (["hypercleaning"], ["truncate(1)", "truncate(5)", "distill(0.9)"]),
     "fewshot_digits": (["fewshot_digits"], ["FO", "one_step", "distill(γ=0.99), offline, θ refit every 50"]),
     "maml_conv_bn": (["maml_conv_bn", "lslr"], ["no meta-training", "MAML", "FOMAML", "ANIL", "MAML++ LSLR"]),
+    "warpgrad": (["warpgrad"], ["no meta-training", "FO", "one_step", "N.IFT(5,10)", "drmad"]),
+    "meta_weight_net": (["meta_weight_net"], ["no meta-training", "one_step", "HyperDistill(γ=0.99), θ = 1", "drmad"]),
     "lr_schedule": (
         ["lr_schedule"],
         ["unroll (exact)", "forward (exact)", "truncate(10)", "one_step", "online one_step", "distill(0.99, θ=1)"],
