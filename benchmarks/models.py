@@ -11,7 +11,8 @@ Routes (each returns the meta-batch mean of dF/dθ₀; ``routes_for`` lists them
 - hyperfunc: ``hf.vmap(hf.unroll(...))`` with its default reverse pass; one task at a time
   (``chunk_size=1``, as the peers run); the whole graph (``checkpoint_every=T``); FOMAML
   (``hf.fomaml(hf.first_order)``, first order: its error column is its bias); ``hf.compile(..., segment=5)``
-  (on CUDA also with ``mode=reduce-overhead``, CUDA graphs: ``--routes "hf.compile(segment=5, mode=reduce-overhead)"``);
+  (any ``segment=k``; on CUDA also ``mode=reduce-overhead``, CUDA graphs:
+  ``--routes "hf.compile(segment=1, mode=reduce-overhead)"``);
 - higher's ``innerloop_ctx`` and TorchOpt's functional SGD (``torch.autograd.grad(create_graph=True)``),
   a Python loop over tasks, as their documentation shows;
 - a hand-written ``torch.func`` unroll: ``vmap`` over tasks of ``grad`` of the unrolled loop.
