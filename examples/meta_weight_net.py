@@ -23,10 +23,10 @@ network meta-learned over a task distribution, not for a single task.
 
 Meta-test: on unseen-class tasks with noisy labels, adapt from the learned φ with the learned V; the
 table gives the query accuracy and the mean weight V gives the clean and the corrupted examples at
-the start of the inner optimization (a working V gives the corrupted ones less).
+the end of the inner optimization (a working V gives the corrupted ones less).
 ``benchmarks/hyperdistill_costs.py`` runs the same model at the paper's shapes for its cost table.
 
-    python examples/meta_weight_net.py            # 2 runs x 10 inner optimizations per method (about 10 min, 2 cores)
+    python examples/meta_weight_net.py            # 2 runs x 10 inner optimizations x 4 methods (minutes each, 2 cores)
     python examples/meta_weight_net.py --quick    # seconds (tests)
 """
 
@@ -94,15 +94,17 @@ def noisy(tasks: hf.tasks.Tasks, n_way: int, generator: torch.Generator) -> tupl
 
 
 def meta_test(problem, predict, hparams, head, tasks, corrupted) -> dict:
-    """Query accuracy (%) per task and the mean weight of the clean and the corrupted support examples at w_0."""
+    """Query accuracy (%) per task and the mean weight of the clean and the corrupted support examples at w_T
+    (after the inner optimization, where the losses of the two kinds differ; at w_0 they hardly do)."""
     n = tasks.x_train.shape[0]
-    heads = head.expand(n).clone()
-    final = torch.func.vmap(problem.loop.run, in_dims=(None, 0, 0))(hparams, heads, tasks.inner_batches)
+    final = torch.func.vmap(problem.loop.run, in_dims=(None, 0, 0))(
+        hparams, head.expand(n).clone(), tasks.inner_batches
+    )
     hits = torch.func.vmap(lambda p, x, y: (predict(p, x).argmax(-1) == y).double().mean())(
         final, tasks.x_val, tasks.y_val
     )
     losses = torch.func.vmap(lambda p, x, y: F.cross_entropy(predict(p, x), y, reduction="none"))(
-        heads, *tasks.inner_batches
+        final, *tasks.inner_batches
     )
     v = weight(hparams, losses.flatten()).reshape(losses.shape)
     return {"acc": 100 * hits, "clean": v[~corrupted].mean(), "corrupted": v[corrupted].mean()}
