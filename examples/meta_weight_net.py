@@ -26,7 +26,7 @@ table gives the query accuracy and the mean weight V gives the clean and the cor
 the end of the inner optimization (a working V gives the corrupted ones less).
 ``benchmarks/hyperdistill_costs.py`` runs the same model at the paper's shapes for its cost table.
 
-    python examples/meta_weight_net.py            # 2 runs x 10 inner optimizations x 4 methods (minutes each, 2 cores)
+    python examples/meta_weight_net.py            # 2 runs x 10 inner optimizations x 4 methods (4.2 min alone, 2 cores)
     python examples/meta_weight_net.py --quick    # seconds (tests)
 """
 

@@ -18,7 +18,7 @@ Meta-test: adapt from the learned φ with the learned warps on unseen-class task
 ``benchmarks/hyperdistill_costs.py`` runs the same model at the paper's shapes (3x32x32 and
 3x64x64, 10-way, T = 100) for the cost table (HyperDistill, Table 3).
 
-    python examples/warpgrad.py            # 2 runs x 10 inner optimizations x 5 methods (minutes each, 2 cores)
+    python examples/warpgrad.py            # 2 runs x 10 inner optimizations x 5 methods (4.7 min alone, 2 cores)
     python examples/warpgrad.py --quick    # seconds (tests)
 """
 
