@@ -105,6 +105,11 @@ class InnerLoop:
             before the step loop, for work that depends on the hyperparameters but not on the
             params (the frozen feature extractor of ANIL). Every transform stays exact through it:
             the cotangents of the prepared batches are pulled back through ``prepare`` with one VJP.
+            Memory: that VJP keeps ``prepare``'s graph over all of ``inner_batches`` until the reverse
+            pass ends, so with per-step batches (``full_batch=False``) it grows with T: a Conv-4 ANIL
+            body on 16x16 images at T = 12 peaked at 45 MiB of live tensors under ``drmad``, 7 MiB with
+            the body computed inside ``inner_loss`` instead (``benchmarks/hyperdistill_costs.py
+            --quick``). Compute a large body inside the loss when T batches of its activations do not fit.
 
     Examples:
         >>> import torch, hyperfunc as hf
