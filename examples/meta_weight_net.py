@@ -32,7 +32,6 @@ the end of the inner optimization (a working V gives the corrupted ones less).
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch
@@ -40,8 +39,9 @@ import torch.nn.functional as F
 from _common import figure, fmt_ci, results_dir, save, write_table
 from fewshot_digits import digits_dataset
 from maml_conv_bn import conv4
-from sinusoid_anil import Method, meta_train, methods
+from sinusoid_anil import Method, methods
 from tensordict import TensorDict
+from warpgrad import compare, digits_parser, parse
 
 import hyperfunc as hf
 
@@ -111,25 +111,7 @@ def meta_test(problem, predict, hparams, head, tasks, corrupted) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--episodes", type=int, default=10, help="inner optimizations per run")
-    parser.add_argument("--steps", type=int, default=20, help="inner steps T (the paper: 100)")
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--n-way", type=int, default=4)
-    parser.add_argument("--shots", type=int, default=10, help="per class: n_way * shots is the inner batch")
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--meta-batch", type=int, default=4, help="the paper's 4")
-    parser.add_argument("--meta-lr", type=float, default=1e-2, help="the paper's 0.01 (with SGD)")
-    parser.add_argument("--reptile-lr", type=float, default=1.0)
-    parser.add_argument("--test-tasks", type=int, default=200)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--out", default="results/meta_weight_net")
-    parser.add_argument("--quick", action="store_true", help="tiny run for the tests")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.runs, args.episodes, args.steps, args.channels, args.meta_batch = 1, 2, 3, 4, 2
-        args.shots, args.queries, args.test_tasks = 3, 3, 6
+    args = parse(digits_parser(__doc__, "meta_weight_net", shots=10, meta_lr=1e-2, methods=METHODS), argv)
     torch.manual_seed(0)
     out = results_dir(args.out)
     data = digits_dataset()
@@ -143,28 +125,23 @@ def main(argv=None):
 
     table = {**methods(args.steps), "HyperDistill(γ=0.99), θ = 1": Method("online", hf.online.distill(0.99, theta=1.0))}
     fig, ax = figure(figsize=(6, 4))
-    rows = []
-
-    def row(name: str, results: list[dict], curve: str) -> dict:
-        weights = " / ".join(fmt_ci([r[k] for r in results], 2) for k in ("clean", "corrupted"))
-        return {"method": name, "meta-test acc. (%)": fmt_ci([r["acc"].mean() for r in results]),
-                "mean V: clean / corrupted": weights, "last meta-train loss": curve}  # fmt: skip
-
-    untrained = []
-    for run in range(args.runs):
-        base, predict = problem(args.channels, args.n_way, args.steps, seed=run)
-        untrained.append(meta_test(base, predict, base.hparams, base.params0, test_tasks, corrupted))
-    rows.append(row("no meta-training", untrained, ""))
-    for name in args.methods:
-        results, curves = [], []
-        for run in range(args.runs):
-            base, predict = problem(args.channels, args.n_way, args.steps, seed=run)
-            hparams, head, curve, _ = meta_train(name, table[name], base, args, run, sample=sample)
-            results.append(meta_test(base, predict, hparams, head, test_tasks, corrupted))
-            curves.append(curve)
-        curve = torch.tensor(curves).mean(0)
-        ax.plot(range(1, len(curve) + 1), curve, label=name)
-        rows.append(row(name, results, f"{curve[-1]:.3f}"))
+    runs = compare(
+        args,
+        table,
+        lambda run: problem(args.channels, args.n_way, args.steps, seed=run),
+        sample,
+        lambda base, predict, hparams, head: meta_test(base, predict, hparams, head, test_tasks, corrupted),
+        ax,
+    )
+    rows = [
+        {
+            "method": name,
+            "meta-test acc. (%)": fmt_ci([r["acc"].mean() for r in results]),
+            "mean V: clean / corrupted": " / ".join(fmt_ci([r[k] for r in results], 2) for k in ("clean", "corrupted")),
+            "last meta-train loss": "" if curve is None else f"{curve[-1]:.3f}",
+        }
+        for name, (results, curve) in runs.items()
+    ]
     ax.set(xlabel="inner optimization", ylabel=f"clean query loss at w_T (mean of {args.runs} runs)")
     ax.legend(fontsize=7)
     save(fig, out, "meta_weight_net")

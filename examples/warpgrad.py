@@ -100,50 +100,82 @@ def accuracy(problem, predict, hparams, head, tasks) -> torch.Tensor:
     return 100 * hits(final, tasks.x_val, tasks.y_val)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def digits_parser(doc: str, name: str, shots: int, meta_lr: float, methods: tuple) -> argparse.ArgumentParser:
+    """The command line shared by the online digits examples (this one and ``meta_weight_net.py``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=10, help="inner optimizations per run")
     parser.add_argument("--steps", type=int, default=20, help="inner steps T (the paper: 100)")
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--n-way", type=int, default=4)
-    parser.add_argument("--shots", type=int, default=5, help="per class: n_way * shots is the inner batch")
+    parser.add_argument("--shots", type=int, default=shots, help="per class: n_way * shots is the inner batch")
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--meta-batch", type=int, default=4, help="the paper's 4")
-    parser.add_argument("--meta-lr", type=float, default=1e-3)
+    parser.add_argument("--meta-lr", type=float, default=meta_lr, help="Adam's learning rate for λ")
     parser.add_argument("--reptile-lr", type=float, default=1.0)
     parser.add_argument("--test-tasks", type=int, default=200)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--out", default="results/warpgrad")
+    parser.add_argument("--methods", nargs="*", default=list(methods))
+    parser.add_argument("--out", default=f"results/{name}")
     parser.add_argument("--quick", action="store_true", help="tiny run for the tests")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.episodes, args.steps, args.channels, args.meta_batch = 1, 2, 3, 4, 2
         args.shots, args.queries, args.test_tasks = 3, 3, 6
+    return args
+
+
+def compare(args, table: dict, build, sample, evaluate, ax) -> dict:
+    """``name -> (results per run, mean meta-training curve)``: "no meta-training" first (curve None), then every
+    method of ``args.methods`` meta-trained by ``meta_train`` on ``sample``'s tasks, its mean curve plotted on
+    ``ax``. ``build(run) -> (problem, predict)``; ``evaluate(problem, predict, hparams, head)`` gives one run's
+    result."""
+    untrained = []
+    for run in range(args.runs):
+        base, predict = build(run)
+        untrained.append(evaluate(base, predict, base.hparams, base.params0))
+    out = {"no meta-training": (untrained, None)}
+    for name in args.methods:
+        results, curves = [], []
+        for run in range(args.runs):
+            base, predict = build(run)
+            hparams, head, curve, _ = meta_train(name, table[name], base, args, run, sample=sample)
+            results.append(evaluate(base, predict, hparams, head))
+            curves.append(curve)
+        curve = torch.tensor(curves).mean(0)
+        ax.plot(range(1, len(curve) + 1), curve, label=name)
+        out[name] = (results, curve)
+    return out
+
+
+def main(argv=None):
+    args = parse(digits_parser(__doc__, "warpgrad", shots=5, meta_lr=1e-3, methods=METHODS), argv)
     torch.manual_seed(0)
     out = results_dir(args.out)
     data = digits_dataset()
     labels = [c for _, c in data]
     few_shot = partial(hf.tasks.few_shot_tasks, data, args.n_way, args.shots, args.queries, labels=labels)
     test_tasks = few_shot(args.test_tasks, TEST_CLASSES, generator=torch.Generator().manual_seed(10_000))
-    table = methods(args.steps)
     fig, ax = figure(figsize=(6, 4))
-    rows, untrained = [], []
-    for run in range(args.runs):
-        base, predict = problem(args.channels, args.n_way, args.steps, seed=run)
-        untrained.append(accuracy(base, predict, base.hparams, base.params0, test_tasks).mean())
-    rows.append({"method": "no meta-training", "meta-test acc. (%)": fmt_ci(untrained), "last meta-train loss": ""})
-    for name in args.methods:
-        scores, curves = [], []
-        for run in range(args.runs):
-            base, predict = problem(args.channels, args.n_way, args.steps, seed=run)
-            sample = partial(few_shot, classes=TRAIN_CLASSES)
-            hparams, head, curve, _ = meta_train(name, table[name], base, args, run, sample=sample)
-            scores.append(accuracy(base, predict, hparams, head, test_tasks).mean())
-            curves.append(curve)
-        curve = torch.tensor(curves).mean(0)
-        ax.plot(range(1, len(curve) + 1), curve, label=name)
-        rows.append({"method": name, "meta-test acc. (%)": fmt_ci(scores), "last meta-train loss": f"{curve[-1]:.3f}"})
+    runs = compare(
+        args,
+        methods(args.steps),
+        lambda run: problem(args.channels, args.n_way, args.steps, seed=run),
+        partial(few_shot, classes=TRAIN_CLASSES),
+        lambda base, predict, hparams, head: accuracy(base, predict, hparams, head, test_tasks).mean(),
+        ax,
+    )
+    rows = [
+        {
+            "method": name,
+            "meta-test acc. (%)": fmt_ci(scores),
+            "last meta-train loss": "" if curve is None else f"{curve[-1]:.3f}",
+        }
+        for name, (scores, curve) in runs.items()
+    ]
     ax.set(xlabel="inner optimization", ylabel=f"query loss at w_T (mean of {args.runs} runs)")
     ax.legend(fontsize=7)
     save(fig, out, "warpgrad")
