@@ -28,6 +28,7 @@ __all__ = [
     "allocates",
     "coerce_cinterpreter",
     "compiler_wrapper",
+    "functorch_interpreters",
     "get_proxy_mode",
     "is_mutable_op",
     "is_wrapped",
@@ -43,6 +44,7 @@ __all__ = [
     "tree_map",
     "tree_structure",
     "tree_unflatten",
+    "under_vmap",
     "unwrap_batched",
 ]
 
@@ -96,13 +98,16 @@ tree_flatten_with_path = _symbol("torch.utils._pytree:tree_flatten_with_path", "
 keystr = _symbol("torch.utils._pytree:keystr", "checkpoint keys (saving)")
 # -- traced graphs: public alternative none (torch.ops.aten.*.default are its instances)
 OpOverload = _symbol("torch._ops:OpOverload", "recognising aten operators in traced graphs (hf.compile)")
-# -- functorch levels: public alternative none (torch.func hides them); used by hf.compile/hf.vmap only
+# -- functorch levels: public alternative none (torch.func hides them); used by hf.compile, hf.vmap and batch norm
 is_wrapped = _symbol("torch._C._functorch:is_functorch_wrapped_tensor", "telling a vmapped tensor from a plain one")
 peek_interpreter_stack = _symbol("torch._C._functorch:peek_interpreter_stack", "the innermost torch.func transform")
 TransformType = _symbol("torch._C._functorch:TransformType", "which transform that is (vmap, functionalize)")
 unwrap_batched = _symbol("torch._C._functorch:_unwrap_batched", "a vmapped tensor's physical tensor (hf.vmap)")
 add_batch_dim = _symbol("torch._C._functorch:_add_batch_dim", "wrapping a kernel's outputs back into vmap")
 coerce_cinterpreter = _symbol("torch._functorch.pyfunctorch:coerce_cinterpreter", "a vmap level's batch size")
+functorch_interpreters = _symbol(
+    "torch._functorch.pyfunctorch:retrieve_all_functorch_interpreters", "whether a vmap is active (batch norm)"
+)
 # -- tracing and compiling kernels (hf.compile); make_fx is torch.fx's documented-experimental tracer
 make_fx = _symbol("torch.fx.experimental.proxy_tensor:make_fx", "tracing a kernel into aten operations")
 get_proxy_mode = _symbol("torch.fx.experimental.proxy_tensor:get_proxy_mode", "whether a program is being traced")
@@ -121,6 +126,11 @@ TorchDispatchMode = _symbol(
 # -- torch.compile's backends, as torch.compile(**options) builds them; public: torch.compile itself
 InductorWrapper = _symbol("torch:_TorchCompileInductorWrapper", "inductor with mode= / options= (hf.compile)")
 CompileWrapper = _symbol("torch:_TorchCompileWrapper", "a named or callable backend (hf.compile)")
+
+
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` level is active, at any depth of the transform stack."""
+    return any(level.key() == TransformType.Vmap for level in functorch_interpreters())
 
 
 def tree_children(spec: Any) -> list:

@@ -1,6 +1,8 @@
 """hyperfunc/_batch_norm.py: batch normalization as elementary operations equals torch's kernel, and its
 double backward runs under vmap (the derivative every hypergradient through BatchNorm takes)."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,3 +98,20 @@ def test_double_backward_under_vmap_equals_a_loop_over_tasks():
     for i, task in enumerate(looped):
         for a, r in zip(batched, task):
             torch.testing.assert_close(a[i], r, rtol=1e-10, atol=1e-12)
+
+
+
+def test_the_mode_sends_batch_norm_to_torch_kernel_outside_vmap_only():
+    """Outside vmap torch's kernel runs (faster, and it does not fail there); under vmap, at any depth, the
+    elementary form."""
+    x, _, w, b = _args((4, 3, 5, 5), True, True)
+
+    def run(x):
+        return F.batch_norm(x, None, None, w, b, True).pow(3).sum()
+
+    with mock.patch("hyperfunc._batch_norm.batch_norm", wraps=batch_norm) as elementary, DecomposedBatchNorm():
+        outside = torch.func.grad(run)(x)
+        assert elementary.call_count == 0
+        inside = torch.func.vmap(torch.func.grad(run))(x.unsqueeze(0))
+        assert elementary.call_count == 1
+    torch.testing.assert_close(inside[0], outside, rtol=1e-10, atol=1e-12)

@@ -27,3 +27,17 @@ def test_is_mutable_op():
     assert _torch.is_mutable_op(torch.ops.aten.add_.Tensor)
     assert not _torch.is_mutable_op(torch.ops.aten.add.Tensor)
     assert not _torch.is_mutable_op(print)
+
+
+def test_under_vmap_sees_a_vmap_at_any_depth():
+    seen = []
+
+    def probe(x):
+        seen.append(_torch.under_vmap())
+        return x.sum()
+
+    probe(torch.ones(2))
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))  # vmap below a grad level
+    torch.func.grad(probe)(torch.ones(2))
+    assert seen == [False, True, True, False]

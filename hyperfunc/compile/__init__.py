@@ -18,10 +18,10 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_int
-from .._tree import tensor_leaves
 from ..transforms.base import HyperGradFunction
 from ._executor import Compiled
 from ._kernels import Segments, compiler
+from ._task_loop import mapped, one_task_at_a_time
 
 __all__ = ["Vmapped", "compile", "vmap"]
 
@@ -46,6 +46,8 @@ class Vmapped:
             args, in_dims = _positional(args, kwargs, in_dims)
             kwargs = {}
             _check_task_counts(args, in_dims)
+        if is_hg and self.chunk_size == 1:
+            return one_task_at_a_time(self.fn, args, in_dims, self.randomness)
         if is_hg and isinstance(self.fn.executor, Compiled) and self.chunk_size is None:
             result = self.fn.executor.over_tasks(self.fn, in_dims, args)  # the traced call, no vmap
             if result is not None:
@@ -91,9 +93,7 @@ def _check_task_counts(args: tuple, in_dims: tuple) -> None:
     """Every mapped argument has the same number of tasks along its ``in_dims`` entry, named if not."""
     counts = {}
     for name, value, dim in zip(_HG_ARGUMENTS, args, in_dims):
-        if dim is None or callable(value) and not torch.is_tensor(value):
-            continue
-        sizes = {x.shape[dim] for x in tensor_leaves(value) if x.dim() > dim}
+        sizes = {x.shape[d] for x, d in mapped(value, dim) if x.dim() > d}
         if sizes:
             counts[name] = sorted(sizes)
     if len({size for sizes in counts.values() for size in sizes}) > 1:
@@ -121,6 +121,14 @@ def vmap(hg: Any, in_dims: Any = 0, chunk_size: Optional[int] = None, randomness
     is shared. The mapped arguments must agree on the number of tasks (a ``ValueError`` names them).
     A model with dropout needs ``randomness="different"`` (a mask per task, as a loop over tasks draws) or ``"same"``;
     :func:`compile` refuses both (each segment's VJP recomputes its forward and would draw other masks).
+
+    ``chunk_size=1`` runs the tasks one at a time as a Python loop, without ``vmap`` (``torch.func.vmap``
+    would run its batching rules at a batch of one), and stacks the results as ``vmap`` does; the
+    ``randomness`` modes keep their meaning. Memory: one task's graph at a time. Batch norm then runs
+    torch's kernel, and under :func:`compile` each task calls kernels compiled for one task, whose graphs
+    lack the task dimension's reshapes: on Conv-4 MAML on a 2-core CPU that is the faster route, eager and
+    compiled, and the shorter compile (``benchmarks/models.py``; ``docs/benchmarks.md``). Where the tasks are
+    small (an MLP head), batching them (the default) is faster.
 
     Examples:
         >>> import torch, hyperfunc as hf
