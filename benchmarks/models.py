@@ -9,9 +9,10 @@ route.
 
 Routes (each returns the meta-batch mean of dF/dθ₀; ``routes_for`` lists them per T):
 - hyperfunc: ``hf.vmap(hf.unroll(...))`` with its default reverse pass; one task at a time
-  (``chunk_size=1``, as the peers run); the whole graph (``checkpoint_every=T``); FOMAML
-  (``hf.fomaml(hf.first_order)``, first order: its error column is its bias); ``hf.compile(..., segment=5)``
-  (any ``segment=k``; on CUDA also ``mode=reduce-overhead``, CUDA graphs:
+  (``chunk_size=1``: a loop over the tasks, as the peers run); the whole graph (``checkpoint_every=T``);
+  FOMAML (``hf.fomaml(hf.first_order)``, first order: its error column is its bias);
+  ``hf.compile(..., segment=1, chunk_size=1)``, one task's one-step kernels (any ``segment=k``, with or
+  without ``chunk_size=1``; on CUDA also ``mode=reduce-overhead``, CUDA graphs:
   ``--routes "hf.compile(segment=1, mode=reduce-overhead)"``);
 - higher's ``innerloop_ctx`` and TorchOpt's functional SGD (``torch.autograd.grad(create_graph=True)``),
   a Python loop over tasks, as their documentation shows;
@@ -222,12 +223,12 @@ def route(name: str, steps: int, dtype: torch.dtype = torch.float32, device: str
 
 def routes_for(steps: int) -> list[str]:
     """The routes measured at ``steps``: hyperfunc's default, one task at a time, the whole graph
-    (``checkpoint_every=T``, the default before per-step recomputation), FOMAML, the segment compile (T = 5
-    and 50: its cold compile takes minutes on 2 cores), the peers (the hand-written ``torch.func`` unroll not
-    at T = 50, where it would need about 22 GB)."""
+    (``checkpoint_every=T``, the default before per-step recomputation), FOMAML, one task's one-step
+    kernels compiled (T > 1: a cold compile takes about 100 s on 2 cores, whatever T), the peers (the
+    hand-written ``torch.func`` unroll not at T = 50, where it would need about 22 GB)."""
     names = ["hf.unroll", "hf.unroll(chunk_size=1)"]
     names += [f"hf.unroll(checkpoint_every={steps})"] if steps > 1 else []
-    names += ["hf.fomaml"] + (["hf.compile(segment=5)"] if steps in (5, 50) else [])
+    names += ["hf.fomaml"] + (["hf.compile(segment=1, chunk_size=1)"] if steps > 1 else [])
     return names + [name for name in PEERS if not (steps >= 50 and name.startswith("torch.func"))]
 
 

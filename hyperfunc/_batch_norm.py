@@ -9,9 +9,9 @@ its every derivative is one of those operations', on every torch version, eagerl
 ``vmap``, and traced by ``make_fx`` or dynamo. ``functional_call`` runs a module's forward under
 :class:`DecomposedBatchNorm`, which sends ``torch.nn.functional.batch_norm`` here while a ``vmap``
 is active or dynamo traces (a ``TorchFunctionMode``, torch's public hook for this: the module is not
-patched), and to torch's kernel otherwise: outside ``vmap`` the kernel has no such failure and is faster (one
-task of Conv-4 MAML, T = 5: 0.22 s against 0.27 s per meta-gradient, ``benchmarks/models.py``),
-and one task's compiled kernels get torch's fused batch norm.
+patched), and to torch's kernel otherwise: outside ``vmap`` the kernel has no such failure and is faster (a
+second-order MAML meta-gradient of one Conv-4 task at T = 5: 0.22 s against 0.27 s, docs/modules.md),
+and one task's compiled kernels get torch's batch norm.
 
 .. math::
     y = \frac{x - \mu_B}{\sqrt{\sigma^2_B + \epsilon}}\,\gamma + \beta, \qquad

@@ -66,14 +66,15 @@ def functional_call(
     task keeps its own statistics (the returned buffers are batched like the inputs). The usual
     BatchNorm modes work: batch statistics in train mode, running statistics in eval mode
     (``module.eval()``), and ``track_running_stats=False`` (no buffers). ``buffers=None`` is for a
-    module without buffers and returns ``None``. Batch normalization runs as elementary operations
-    (``torch.nn.functional.batch_norm`` sent to ``hyperfunc._batch_norm`` by a ``TorchFunctionMode``):
-    torch 2.14-2.15's native kernel fails in the double backward under ``vmap`` that a
-    hypergradient through BatchNorm needs.
+    module without buffers and returns ``None``. Under ``vmap`` batch normalization runs as elementary
+    operations (``torch.nn.functional.batch_norm`` sent to ``hyperfunc._batch_norm`` by a
+    ``TorchFunctionMode``): torch 2.14-2.15's native kernel fails in the double backward under ``vmap``
+    that a hypergradient through BatchNorm needs. Outside ``vmap`` (one task, or
+    ``hf.vmap(..., chunk_size=1)``) it runs torch's kernel.
 
-    Cost: the module's forward, with batch normalization as elementary operations and every torch
-    function call passing the mode's Python hook (a small Conv-BN forward: 557 µs against 413 µs with
-    torch's kernel, docs/modules.md), plus one copy of each buffer, plus the checks against the module
+    Cost: the module's forward, every torch function call passing the mode's Python hook, under ``vmap``
+    with batch normalization as elementary operations (a small Conv-BN forward: 557 µs against 413 µs
+    with torch's kernel, docs/modules.md), plus one copy of each buffer, plus the checks against the module
     (names, shapes, device) and the snapshot of its attributes: about 60 µs on a 9-module Conv-BN net
     (a forward of 1.1 ms on 1 thread, +9%).
 
