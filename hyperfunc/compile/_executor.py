@@ -318,11 +318,19 @@ class Compiled:
 
     def run_outer_vjp(self, bound: Bound, s: Leaves, b: Any, start: int, stop: int):
         """The forward of every segment but the last, the last one's fused kernel (:func:`segment_outer_vjp`),
-        then the others' VJP kernels."""
+        then the others' VJP kernels. With one-step segments the outer loss has its own kernel instead and
+        the last step takes the VJP kernel of every other step: the fused kernel would save one step's
+        forward per call, and costs a compile of the step's double backward once more (Conv-4 MAML, one
+        task: about 29 s of a 90-100 s first call, 2 cores)."""
         chunks = self.chunks(start, stop)
-        if not chunks:
-            loss, alpha, direct = self.outer_vjp(bound, s, b, True)
-            return loss, (s, b), alpha, direct
+        if not chunks or self.segments.size == 1:
+            states = self.forward(bound, s, b, chunks)
+            loss, alpha, direct = self.outer_vjp(bound, *states[-1], True)
+            if not chunks:
+                return loss, states[-1], alpha, direct
+            acc_d = direct.d if bound.loop.full_batch else ()
+            ct_s, cot = self.pull(bound, chunks, states[:-1], alpha, direct.h, acc_d, [], start, stop)
+            return loss, states[-1], ct_s, cot
         st, (a, n), (outer_layout, batch, outer_key) = self.structure(bound), chunks[-1], self.outer_layout(bound)
         states = self.forward(bound, s, b, chunks[:-1])
         kernel = self.segments.kernel(

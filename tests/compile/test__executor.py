@@ -160,7 +160,7 @@ def test_compile_one_task_and_learned_init_with_buffers(name):
     tree_close(whole(hparams, learned_init, batches, val, buffers).grads, ref.grads, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("segment", [2, 4])  # T = 3: segments of 2 + 1, or one whole-call kernel
+@pytest.mark.parametrize("segment", [1, 2, 4])  # T = 3: one-step segments, 2 + 1, or one whole-call kernel
 @pytest.mark.parametrize("name", list(LEARNED_INIT))
 def test_module_buffers_per_task_under_hf_vmap(name, segment):
     """BatchNorm's running statistics, one set per task, come out of the batched kernels as eager vmap
@@ -181,7 +181,8 @@ def test_module_buffers_per_task_under_hf_vmap(name, segment):
     tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
 
 
-def test_per_step_batches_through_prepare():
+@pytest.mark.parametrize("segment", [1, K])  # one-step segments: the outer loss by its own kernel
+def test_per_step_batches_through_prepare(segment):
     """Per-step batches (not full-batch) whose floats come from ``prepare``: the segments' cotangents
     on their windows of the prepared batches are assembled and pulled back through ``prepare``."""
 
@@ -200,6 +201,6 @@ def test_per_step_batches_through_prepare():
     val = (torch.randn(2, 6, 3, generator=g, dtype=DT), torch.randn(2, 6, generator=g, dtype=DT))
     h = TensorDict({"l2": torch.tensor(0.1, dtype=DT), "scale": torch.ones(3, dtype=DT)}, [])
     w0 = TensorDict({"w": torch.zeros(3, dtype=DT)}, [])
-    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=K, backend="eager")
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS), segment=segment, backend="eager")
     res, ref = fast(h, w0, (x, y), val), torch.func.vmap(hg, in_dims=IN_DIMS)(h, w0, (x, y), val)
     tree_close(res.grads, ref.grads, rtol=1e-10, atol=1e-12)
