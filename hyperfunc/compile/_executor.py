@@ -325,7 +325,8 @@ class Compiled:
         chunks = self.chunks(start, stop)
         if not chunks or self.segments.size == 1:
             states = self.forward(bound, s, b, chunks)
-            loss, alpha, direct = self.outer_vjp(bound, *states[-1], True)
+            s_last, b_last = states[-1]
+            loss, alpha, direct = self.outer_vjp(bound, s_last, b_last, True)
             if not chunks:
                 return loss, states[-1], alpha, direct
             acc_d = direct.d if bound.loop.full_batch else ()
