@@ -55,14 +55,16 @@ def one_task_at_a_time(fn: Any, args: tuple, in_dims: tuple, randomness: str) ->
     ``"same"`` replays the random state of the first task for every task, and ``"error"`` refuses a
     draw with a ``ValueError``."""
     n = task_count(args, in_dims)
-    devices = tuple(x for arg, d in zip(args, in_dims) for x, _ in mapped(arg, d))
-    before = rng_state(devices)
+    if n == 0:
+        raise ValueError("hf.vmap got 0 tasks along in_dims: give every mapped argument at least one task")
+    tensors = tuple(x for arg, d in zip(args, in_dims) for x, _ in mapped(arg, d))  # their devices' generators
+    before = rng_state(tensors)
     results = []
     for i in range(n):
         if randomness == "same":
             set_rng_state(before)
         results.append(fn(*(_select(arg, dim, i) for arg, dim in zip(args, in_dims))))
-    if randomness == "error" and not same_rng_state(before, rng_state(devices)):
+    if randomness == "error" and not same_rng_state(before, rng_state(tensors)):
         raise ValueError(
             "hf.vmap(..., chunk_size=1) ran a random operation (dropout, torch.rand) with randomness='error'; "
             "pass randomness='different' (each task its own draws) or 'same' (one draw for every task)"

@@ -78,7 +78,9 @@ def test_compiled_hg_runs_one_tasks_kernels():
         tree_close(fast(*args).grads, ref.grads, rtol=1e-10, atol=1e-12)
 
 
-def test_an_unmapped_call_is_refused():
-    hg, args = _maml()
+def test_an_unmapped_or_empty_call_is_refused():
+    hg, (h, init, (x, y), val, buffers) = _maml()
     with pytest.raises(ValueError, match="at least one argument mapped"):
-        hf.vmap(hg, in_dims=(None,) * 5, chunk_size=1)(*args)
+        hf.vmap(hg, in_dims=(None,) * 5, chunk_size=1)(h, init, (x, y), val, buffers)
+    with pytest.raises(ValueError, match="0 tasks"):
+        hf.vmap(hg, in_dims=IN_DIMS, chunk_size=1)(h, init, (x[:0], y[:0]), (val[0][:0], val[1][:0]), buffers[:0])
