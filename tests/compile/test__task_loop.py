@@ -70,12 +70,15 @@ def test_randomness_keeps_vmaps_meaning():
     torch.testing.assert_close(same.grads[key][0], same.grads[key][2], rtol=0, atol=0)
 
 
-def test_compiled_hg_runs_one_tasks_kernels():
+@pytest.mark.parametrize("segment", [1, 2, 5])  # T = 3: one-step segments, 2 + 1, or the call as one kernel
+def test_compiled_hg_runs_one_tasks_kernels(segment):
     hg, args = _maml()
     ref = hf.vmap(hg, in_dims=IN_DIMS)(*args)
-    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS, chunk_size=1), segment=1, backend="eager")
+    fast = hf.compile(hf.vmap(hg, in_dims=IN_DIMS, chunk_size=1), segment=segment, backend="eager")
     for _ in range(2):  # the second call reuses the kernels of the first
-        tree_close(fast(*args).grads, ref.grads, rtol=1e-10, atol=1e-12)
+        out = fast(*args)
+        tree_close(out.grads, ref.grads, rtol=1e-10, atol=1e-12)
+        tree_close(out.buffers, ref.buffers, rtol=1e-10, atol=1e-12)
 
 
 def test_an_unmapped_or_empty_call_is_refused():
