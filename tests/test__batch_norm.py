@@ -100,7 +100,6 @@ def test_double_backward_under_vmap_equals_a_loop_over_tasks():
             torch.testing.assert_close(a[i], r, rtol=1e-10, atol=1e-12)
 
 
-
 def test_the_mode_sends_batch_norm_to_torch_kernel_outside_vmap_only():
     """Outside vmap torch's kernel runs (faster, and it does not fail there); under vmap, at any depth, the
     elementary form."""

@@ -18,14 +18,6 @@ from .._rng import rng_state, same_rng_state, set_rng_state
 from .._torch import tree_leaves, tree_map
 
 
-def task_count(args: tuple, in_dims: tuple) -> int:
-    """The number of tasks: the size of the first mapped tensor along its ``in_dims`` entry."""
-    for arg, dim in zip(args, in_dims):
-        for x, d in mapped(arg, dim):
-            return x.shape[d]
-    raise ValueError("hf.vmap needs at least one argument mapped over the tasks (an in_dims entry that is not None)")
-
-
 def mapped(arg: Any, dim: Any) -> list:
     """``(tensor, dim)`` for every tensor of ``arg`` that ``dim`` (an int, None, or a tuple/list/dict of
     them matching ``arg``'s structure, as ``torch.func.vmap`` takes) maps."""
@@ -54,10 +46,16 @@ def one_task_at_a_time(fn: Any, args: tuple, in_dims: tuple, randomness: str) ->
     ``randomness`` keeps ``vmap``'s meaning: ``"different"`` lets each task draw its own numbers,
     ``"same"`` replays the random state of the first task for every task, and ``"error"`` refuses a
     draw with a ``ValueError``."""
-    n = task_count(args, in_dims)
+    pairs = [pair for arg, dim in zip(args, in_dims) for pair in mapped(arg, dim)]
+    if not pairs:
+        raise ValueError(
+            "hf.vmap needs at least one argument mapped over the tasks (an in_dims entry that is not None)"
+        )
+    x, d = pairs[0]
+    n = x.shape[d]  # the task count (hf.vmap checked that every mapped argument agrees)
     if n == 0:
         raise ValueError("hf.vmap got 0 tasks along in_dims: give every mapped argument at least one task")
-    tensors = tuple(x for arg, d in zip(args, in_dims) for x, _ in mapped(arg, d))  # their devices' generators
+    tensors = tuple(x for x, _ in pairs)  # rng_state reads the generators of their devices
     before = rng_state(tensors)
     results = []
     for i in range(n):
