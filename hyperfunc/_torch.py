@@ -45,6 +45,7 @@ __all__ = [
     "tree_structure",
     "tree_unflatten",
     "under_vmap",
+    "vmap_sizes",
     "unwrap_batched",
 ]
 
@@ -130,7 +131,12 @@ CompileWrapper = _symbol("torch:_TorchCompileWrapper", "a named or callable back
 
 def under_vmap() -> bool:
     """Whether a ``torch.func.vmap`` level is active, at any depth of the transform stack."""
-    return any(level.key() == TransformType.Vmap for level in functorch_interpreters())
+    return bool(vmap_sizes())
+
+
+def vmap_sizes() -> tuple:
+    """The batch size of every active ``torch.func.vmap`` level, outermost first (``()`` outside any)."""
+    return tuple(level.batch_size() for level in functorch_interpreters() if level.key() == TransformType.Vmap)
 
 
 def tree_children(spec: Any) -> list:

@@ -41,3 +41,16 @@ def test_under_vmap_sees_a_vmap_at_any_depth():
     torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))  # vmap below a grad level
     torch.func.grad(probe)(torch.ones(2))
     assert seen == [False, True, True, False]
+
+
+def test_vmap_sizes_lists_every_vmap_level_outermost_first():
+    seen = []
+
+    def probe(x):
+        seen.append(_torch.vmap_sizes())
+        return x.sum()
+
+    probe(torch.ones(2))
+    torch.func.vmap(torch.func.vmap(probe))(torch.ones(3, 4, 2))
+    torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))  # a grad level is not counted
+    assert seen == [(), (3, 4), (3,)]

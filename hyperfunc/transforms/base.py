@@ -204,6 +204,9 @@ class Bound:
     #: the initial params' leaves and, for a learned initialization, the VJP of its one evaluation
     p0: Leaves = ()
     init_pull: Optional[Callable[[Leaves], Leaves]] = None
+    #: one step's graph bytes measured per input structure, shared by the calls of one hypergradient function
+    #: (:meth:`~._executor.Eager.reverse_segment`); a problem bound on its own measures afresh
+    step_bytes: dict = field(default_factory=dict, compare=False, repr=False)
     # per problem, never passed in: a derived problem (dataclasses.replace: on, with_prepared) starts empty
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -219,6 +222,7 @@ class Bound:
         buffers: Any = None,
         exact_init: bool = True,
         executor: Any = EAGER,
+        step_bytes: Optional[dict] = None,
     ) -> Bound:
         """Validate the inputs of a hypergradient call and flatten them (inputs are detached, never mutated)."""
         check_tensordict(hparams, "hparams")
@@ -240,6 +244,7 @@ class Bound:
             executor,
             p0=leaves_of(x.p0, x.pkeys),
             init_pull=x.init_pull,
+            step_bytes={} if step_bytes is None else step_bytes,
         )
 
     def on(self, batches: Any) -> Bound:
@@ -475,6 +480,8 @@ class HyperGradFunction:
     init_rule: Optional[InitRule] = field(default=None)
     segmented: bool = False
     executor: Any = EAGER
+    #: what its eager reverse pass measured of one step, per input structure (see :attr:`Bound.step_bytes`)
+    step_bytes: dict = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:  # dataclasses' repr guards recursion with a thread id torch.compile cannot trace
         return f"HyperGradFunction({self.name})"
@@ -501,6 +508,7 @@ class HyperGradFunction:
             buffers,
             self.init_rule is None,
             self.executor,
+            self.step_bytes,
         )
 
 

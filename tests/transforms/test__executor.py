@@ -53,3 +53,27 @@ def test_eager_unroll_is_the_closed_form():
     hg = hf.unroll(q.loop(), q.outer)
     assert hg.executor is EAGER
     torch.testing.assert_close(hg(*q.args()).grads["lam"], q.exact(), rtol=1e-9, atol=1e-11)
+
+
+def test_one_step_graph_is_measured_once_per_input_structure(monkeypatch):
+    """The default segment's measurement runs on a structure's first call only: again for another vmap
+    batch size, never for a repeated one; the hypergradient does not depend on it."""
+    measured = []
+
+    class Counting(hf.transforms._executor.PeakBytes):
+        def __enter__(self):
+            measured.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(hf.transforms._executor, "PeakBytes", Counting)
+    q = Quadratic()
+    hg = hf.unroll(q.loop(), q.outer)
+    h, p0, batches, y = q.args()
+    first = hg(h, p0, batches, y)
+    assert len(measured) == 1 and len(hg.step_bytes) == 1
+    tree_close(hg(h, p0, batches, y).grads, first.grads, rtol=0, atol=0)
+    assert len(measured) == 1
+    for tasks in (2, 3, 2):  # a vmap batch size is part of the structure
+        out = torch.func.vmap(hg, in_dims=(None, None, 0, 0))(h, p0, batches.expand(tasks, -1, -1), y.expand(tasks, -1))
+        tree_close(out.grads[1], first.grads, rtol=1e-12, atol=1e-14)
+    assert len(measured) == 3 and len(hg.step_bytes) == 3
