@@ -37,6 +37,7 @@ Run alone (two processes on 2 cores slow each other down)::
     python benchmarks/models.py --accuracy --steps 5 20  # float32 error, three networks, about 8 minutes
     python benchmarks/models.py --tensor-peaks --steps 5 20 50
     python benchmarks/models.py --step-products      # one step's VJP: reverse- against forward-over-reverse
+    python benchmarks/models.py --step-costs         # one task's step: forward, gradient, second-order step
     python benchmarks/models.py --device cuda
 """
 
@@ -316,6 +317,38 @@ def step_product(kind: str, device: str) -> dict:
     return {"peak": peak, "seconds": median_seconds(run, reps=5, sample=0.0)[0]}
 
 
+def step_costs(device: str) -> str:
+    """What one inner step of one task costs in plain autograd: its forward alone, its gradient, and its
+    gradient with a graph plus that graph's VJP (a step of a second-order reverse pass that keeps the
+    graph, as higher and TorchOpt do). A reverse pass that does not keep a step's graph recomputes at
+    least its forward, and in practice its gradient, on top of the last row: the bound on trading memory
+    for time (docs/benchmarks.md, "Time")."""
+    net = model(torch.float32, device, "max-pool, ReLU")
+    params = list(net.parameters())
+    xs, ys, _, _ = tasks(torch.float32, device)
+
+    def forward():
+        with torch.no_grad():
+            F.cross_entropy(net(xs[0]), ys[0])
+
+    def gradient():
+        torch.autograd.grad(F.cross_entropy(net(xs[0]), ys[0]), params)
+
+    def second_order_step():
+        g = torch.autograd.grad(F.cross_entropy(net(xs[0]), ys[0]), params, create_graph=True)
+        torch.autograd.grad(g, params, [torch.ones_like(x) for x in g])
+
+    fns = {"forward": forward, "gradient": gradient, "gradient with graph + its VJP": second_order_step}
+    for fn in fns.values():
+        fn()
+    seconds = median_seconds(*((lambda f=f: (f(), sync(device))) for f in fns.values()), reps=7)
+    rows = [
+        {"one task, one step": n, "ms": f"{1e3 * t:.1f}", "x last row": f"{t / seconds[-1]:.2f}"}
+        for n, t in zip(fns, seconds)
+    ]
+    return markdown(rows, list(rows[0]))
+
+
 def tensor_peaks(steps: list[int], device: str) -> str:
     """The peak bytes of tensors alive during one call (``_measure.peak_bytes``: what the operators allocate,
     seen under ``torch.func``'s wrappers), per eager route: what a caching allocator must hold, free of the
@@ -349,6 +382,7 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="the float32 error table instead")
     parser.add_argument("--tensor-peaks", action="store_true", help="the peak tensor memory table instead")
     parser.add_argument("--step-products", action="store_true", help="reverse- against forward-over-reverse")
+    parser.add_argument("--step-costs", action="store_true", help="one step's forward, gradient and VJP")
     parser.add_argument("--product", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
@@ -362,6 +396,10 @@ def main() -> None:
     if args.tensor_peaks:
         print(f"\npeak tensor memory of one call (Conv-4 BN MAML, {args.device}, {args.threads} threads)\n")
         print(tensor_peaks(args.steps, args.device))
+        return
+    if args.step_costs:
+        print(f"\nOne inner step of one task, plain autograd, Conv-4 BN, {args.device}, {args.threads} threads\n")
+        print(step_costs(args.device))
         return
     if args.product:
         print(json.dumps(step_product(args.product, args.device)))

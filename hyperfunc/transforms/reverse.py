@@ -115,7 +115,8 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
 
     Cost: the forward trajectory plus its reverse, ``T`` VJPs of the step map (each a
     Hessian-vector product of the inner loss). By default the reverse pass keeps at most 64 MiB of
-    graph alive (measured on one step; :meth:`~hyperfunc.transforms._executor.Eager.reverse_segment`):
+    graph alive (one step measured on the first call with given input shapes;
+    :meth:`~hyperfunc.transforms._executor.Eager.reverse_segment`):
     a small model keeps its whole graph (memory O(T) steps' graphs, nothing recomputed); a
     model-scale step (Conv-4 MAML: hundreds of MiB) runs the forward with no graph, keeping every
     state :math:`s_t`, and recomputes one step's graph at a time in the reverse (memory T·|s| plus
