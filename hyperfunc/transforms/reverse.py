@@ -123,8 +123,8 @@ def unroll(loop: InnerLoop, outer_loss: Loss, checkpoint_every: Optional[int] = 
     one step's graph, for one more gradient evaluation per step; TESLA, Cui et al. 2023). On Conv-4
     MAML that is 1.9x-3.5x less memory than the whole graph at T = 5-50, in about its time at T = 5
     and 50 and 1.36x at T = 20 (``benchmarks/models.py``). One task at a time
-    (``hf.vmap(hg, in_dims, chunk_size=1)``) it took 0.32x of higher's resident memory at T = 20 and
-    0.17x at T = 50, for about 1.5x higher's time; compiled (``hf.compile(..., segment=1)``), 0.10x and
+    (``hf.vmap(hg, in_dims, chunk_size=1)``) it took 0.30x of higher's resident memory at T = 20 and
+    0.15x at T = 50, for 1.4-1.5x higher's time; compiled (``hf.compile(..., segment=1)``), 0.10x and
     0.06x, in 0.92x higher's time (docs/benchmarks.md). ``checkpoint_every=k`` sets the segment
     length: every k-th state is kept and a k-step graph is alive at a time, memory
     O((T/k)·|s| + k steps' graphs);
