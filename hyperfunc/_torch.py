@@ -45,8 +45,8 @@ __all__ = [
     "tree_structure",
     "tree_unflatten",
     "under_vmap",
-    "vmap_sizes",
     "unwrap_batched",
+    "vmap_sizes",
 ]
 
 

@@ -76,6 +76,8 @@ def cotangent_pull(pull: Any) -> Any:
 
 #: the bytes of graph an exact reverse pass keeps alive at a time when its transform sets no segment length
 GRAPH_BUDGET = 64 * 2**20
+#: the input structures whose step measurement a hypergradient function keeps (the oldest is dropped first)
+MEASURED_STRUCTURES = 64
 
 
 class Eager:
@@ -133,14 +135,17 @@ class Eager:
         bytes its operations allocate (:class:`~hyperfunc._memory.PeakBytes`; the gradient's forward and
         backward, which is what its VJP keeps). It is measured once per input structure (the shapes, dtypes
         and devices of the state, buffers, hyperparameters and batches, and the ``vmap`` batch sizes) and
-        kept in :attr:`~.base.Bound.step_bytes`, which the calls of one hypergradient function share; a later
-        call with the same structure measures nothing. On a model-scale step (Conv-4 MAML: hundreds of MiB)
-        that is one step: the forward keeps every state and no graph, the reverse recomputes one step's graph
-        at a time (one more gradient evaluation per step, as TESLA, Cui et al. 2023). On a small one (an MLP
-        head) the whole graph fits and nothing is recomputed. None (one segment, no measurement) while
-        ``torch.compile`` traces: its partitioner chooses what to recompute, and a recomputed segment's random
-        state cannot be replayed there. Cost: on a structure's first call, the measured step's gradient once
-        more under a Python dispatch mode (ANIL sinusoids at T = 10, 10 tasks: 14% of a call)."""
+        kept in :attr:`~.base.Bound.step_bytes`, which the calls of one hypergradient function share (the
+        last :data:`MEASURED_STRUCTURES` structures): a later call with the same structure measures nothing.
+
+        On a model-scale step (Conv-4 MAML: hundreds of MiB) that is one step: the forward keeps every state
+        and no graph, the reverse recomputes one step's graph at a time (one more gradient evaluation per
+        step, as TESLA, Cui et al. 2023). On a small one (an MLP head) the whole graph fits and nothing is
+        recomputed. None (one segment, no measurement) while ``torch.compile`` traces: its partitioner
+        chooses what to recompute, and a recomputed segment's random state cannot be replayed there.
+
+        Cost: on a structure's first call, the measured step's gradient once more under a Python dispatch
+        mode (ANIL sinusoids at T = 10, 10 tasks: 14% of a call)."""
         if torch.compiler.is_compiling() or stop - start <= 1:
             return None
         key = _structure(bound, s, b)
@@ -149,6 +154,8 @@ class Eager:
             with PeakBytes() as measured:
                 self.run(bound, s, b, start, start + 1)
             set_rng_state(before)  # the measured step's draws (dropout) are the real step's
+            if len(bound.step_bytes) >= MEASURED_STRUCTURES:  # bounded, for calls whose shapes keep changing
+                del bound.step_bytes[next(iter(bound.step_bytes))]
             bound.step_bytes[key] = measured.peak
         return max(1, min(stop - start, GRAPH_BUDGET // max(bound.step_bytes[key], 1)))
 

@@ -77,3 +77,8 @@ def test_one_step_graph_is_measured_once_per_input_structure(monkeypatch):
         out = torch.func.vmap(hg, in_dims=(None, None, 0, 0))(h, p0, batches.expand(tasks, -1, -1), y.expand(tasks, -1))
         tree_close(out.grads[1], first.grads, rtol=1e-12, atol=1e-14)
     assert len(measured) == 3 and len(hg.step_bytes) == 3
+    monkeypatch.setattr(hf.transforms._executor, "MEASURED_STRUCTURES", 3)
+    torch.func.vmap(hg, in_dims=(None, None, 0, 0))(h, p0, batches.expand(4, -1, -1), y.expand(4, -1))
+    assert len(measured) == 4 and len(hg.step_bytes) == 3  # the oldest structure (no vmap) was dropped
+    hg(h, p0, batches, y)
+    assert len(measured) == 5
