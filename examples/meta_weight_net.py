@@ -32,16 +32,13 @@ the end of the inner optimization (a working V gives the corrupted ones less).
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from _common import figure, fmt_ci, results_dir, save, write_table
-from fewshot_digits import digits_dataset
 from maml_conv_bn import conv4
 from sinusoid_anil import Method, methods
 from tensordict import TensorDict
-from warpgrad import compare, digits_parser, parse
+from warpgrad import compare, digits_parser, digits_tasks, parse
 
 import hyperfunc as hf
 
@@ -114,9 +111,7 @@ def main(argv=None):
     args = parse(digits_parser(__doc__, "meta_weight_net", shots=10, meta_lr=1e-2, methods=METHODS), argv)
     torch.manual_seed(0)
     out = results_dir(args.out)
-    data = digits_dataset()
-    labels = [c for _, c in data]
-    few_shot = partial(hf.tasks.few_shot_tasks, data, args.n_way, args.shots, args.queries, labels=labels)
+    few_shot = digits_tasks(args)
     test_gen = torch.Generator().manual_seed(10_000)
     test_tasks, corrupted = noisy(few_shot(args.test_tasks, TEST_CLASSES, generator=test_gen), args.n_way, test_gen)
 

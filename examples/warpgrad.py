@@ -128,6 +128,14 @@ def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     return args
 
 
+def digits_tasks(args: argparse.Namespace):
+    """``few_shot(n_tasks, classes, generator=...) -> Tasks``: few-shot tasks of scikit-learn's digits with
+    the command line's ways, shots and queries (shared with ``meta_weight_net.py``)."""
+    data = digits_dataset()
+    labels = [c for _, c in data]
+    return partial(hf.tasks.few_shot_tasks, data, args.n_way, args.shots, args.queries, labels=labels)
+
+
 def compare(args, table: dict, build, sample, evaluate, ax) -> dict:
     """``name -> (results per run, mean meta-training curve)``: "no meta-training" first (curve None), then every
     method of ``args.methods`` meta-trained by ``meta_train`` on ``sample``'s tasks, its mean curve plotted on
@@ -155,9 +163,7 @@ def main(argv=None):
     args = parse(digits_parser(__doc__, "warpgrad", shots=5, meta_lr=1e-3, methods=METHODS), argv)
     torch.manual_seed(0)
     out = results_dir(args.out)
-    data = digits_dataset()
-    labels = [c for _, c in data]
-    few_shot = partial(hf.tasks.few_shot_tasks, data, args.n_way, args.shots, args.queries, labels=labels)
+    few_shot = digits_tasks(args)
     test_tasks = few_shot(args.test_tasks, TEST_CLASSES, generator=torch.Generator().manual_seed(10_000))
     fig, ax = figure(figsize=(6, 4))
     runs = compare(
