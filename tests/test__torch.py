@@ -29,28 +29,18 @@ def test_is_mutable_op():
     assert not _torch.is_mutable_op(print)
 
 
-def test_under_vmap_sees_a_vmap_at_any_depth():
+def test_vmap_levels_at_any_depth():
+    """under_vmap sees a vmap at any depth; vmap_sizes lists every vmap level's batch size, outermost first,
+    and counts no grad level."""
     seen = []
 
     def probe(x):
-        seen.append(_torch.under_vmap())
+        seen.append((_torch.under_vmap(), _torch.vmap_sizes()))
         return x.sum()
 
     probe(torch.ones(2))
     torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.func.vmap(torch.func.vmap(probe))(torch.ones(3, 4, 2))
     torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))  # vmap below a grad level
     torch.func.grad(probe)(torch.ones(2))
-    assert seen == [False, True, True, False]
-
-
-def test_vmap_sizes_lists_every_vmap_level_outermost_first():
-    seen = []
-
-    def probe(x):
-        seen.append(_torch.vmap_sizes())
-        return x.sum()
-
-    probe(torch.ones(2))
-    torch.func.vmap(torch.func.vmap(probe))(torch.ones(3, 4, 2))
-    torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))  # a grad level is not counted
-    assert seen == [(), (3, 4), (3,)]
+    assert seen == [(False, ()), (True, (3,)), (True, (3, 4)), (True, (3,)), (False, ())]
